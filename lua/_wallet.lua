@@ -1,0 +1,259 @@
+-- _wallet.lua: the wallet library. The script registry prepends this file to every account
+-- script (open/debit/credit/reserve/settle/release/balance/sweep), so the semantics live here once.
+--
+-- KEYS (every account script, same order; all carry the shard's hash tag, so one slot):
+--   1 account hash   2 holds hash   3 hold-expiry zset   4 shard sweep zset
+--   5 shard journal stream          6 idempotency key (request id; unused when ARGV[5] == '')
+-- ARGV (common prefix): 1 account id, 2 now_ms, 3 month index, 4 day index,
+--   5 request id ('' = none), 6 request fingerprint. Operation arguments start at ARGV[7].
+-- Reply (mutating scripts): {code, id, available, held, requests_today, tokens_used_today,
+--   retry_after_ms, replayed, daily_limit, x1, x2}; code 'ok' or a denial/error word.
+--
+-- Rules: all reads and checks come first; writes are queued and done by commit() at the end,
+-- after which nothing can fail. Numbers are integers below 2^53 (checked before the script);
+-- fmt() prints them with %d, since Lua's default %.14g would print large ones as 1e+15.
+
+local K_ACCT, K_HOLDS, K_HEXP, K_SWEEP, K_JOURNAL, K_IDEM =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local ACCOUNT = ARGV[1]
+local NOW = tonumber(ARGV[2])
+local MONTH = tonumber(ARGV[3])
+local DAY = tonumber(ARGV[4])
+local REQ = ARGV[5]
+local FP = ARGV[6]
+
+local DAY_MS = 86400000
+local MINUTE_US = 60000000
+local LAZY_HOLDS = 8          -- expired holds released per touch (keeps every call O(1))
+local IDEM_TTL_S = 86400
+
+local FIELDS = {'plan', 'allow', 'dcap', 'rpm', 'maxreq', 'rpct', 'r', 'm', 'b', 'p', 'h',
+                'per', 'day', 'rq', 'ut', 'used', 'treq', 'tat', 'seq', 'created'}
+
+local function fmt(n) return string.format('%d', n) end
+
+-- queued writes
+local JOURNAL = {}
+local HOLD_SET = {}           -- hold id -> record (new holds)
+local HOLD_DEL = {}           -- hold id -> true (settled, released or expired)
+local HOLDS_CHANGED = false
+
+local function load_account()
+  local vals = redis.call('HMGET', K_ACCT, unpack(FIELDS))
+  if not vals[1] then return nil end
+  local a = {plan = vals[1], dirty = {}}
+  for i = 2, #FIELDS do a[FIELDS[i]] = tonumber(vals[i] or '0') or 0 end
+  return a
+end
+
+local function touch(a, ...)
+  for _, f in ipairs({...}) do a.dirty[f] = true end
+end
+
+local function available(a) return a.r + a.m + a.b + a.p end
+
+-- Append one journal entry (written at commit). Call it after mutating the buckets, so that
+-- 'av' and 'hd' are the balances after this change.
+local function journal(a, kind, dr, dm, db, dp, dh, extra)
+  a.seq = a.seq + 1
+  touch(a, 'seq')
+  local e = {'t', kind, 'a', ACCOUNT, 'q', fmt(a.seq), 'd', fmt(dr + dm + db + dp + dh),
+             'bk', fmt(dr) .. ':' .. fmt(dm) .. ':' .. fmt(db) .. ':' .. fmt(dp) .. ':' .. fmt(dh),
+             'av', fmt(available(a)), 'hd', fmt(a.h), 'ts', fmt(NOW)}
+  if REQ ~= '' then e[#e + 1] = 'rq'; e[#e + 1] = REQ end
+  if extra then
+    for i = 1, #extra, 2 do
+      local v = extra[i + 1]
+      if v ~= nil and v ~= '' then e[#e + 1] = extra[i]; e[#e + 1] = v end
+    end
+  end
+  JOURNAL[#JOURNAL + 1] = e
+  return a.seq
+end
+
+-- floor(n * pct / 100) without leaving the exact-integer range of doubles
+local function pct_of(n, pct)
+  local q = math.floor(n / 100)
+  return q * pct + math.floor((n - q * 100) * pct / 100)
+end
+
+-- Lazy calendar reset: the first touch in a new month expires the old rollover, rolls the
+-- plan's share of the unused monthly tokens (only into the very next month) and grants the
+-- allowance; the first touch in a new day clears the daily counters. Periods never go back.
+local function roll_period(a)
+  if MONTH > a.per then
+    local old_r, old_m = a.r, a.m
+    local rolled = 0
+    if MONTH == a.per + 1 then rolled = pct_of(old_m, a.rpct) end
+    if old_r + old_m - rolled > 0 then
+      a.r = 0; a.m = rolled
+      journal(a, 'expiry', -old_r, rolled - old_m, 0, 0, 0, {'nt', 'period end'})
+    end
+    if rolled > 0 then
+      a.m = 0; a.r = rolled
+      journal(a, 'rollover', rolled, -rolled, 0, 0, 0)
+    end
+    a.r = rolled; a.m = 0
+    if a.allow > 0 then
+      a.m = a.allow
+      journal(a, 'allowance', 0, a.allow, 0, 0, 0, {'nt', 'monthly allowance'})
+    end
+    a.per = MONTH
+    touch(a, 'r', 'm', 'per')
+  end
+  if DAY > a.day then
+    a.day = DAY; a.rq = 0; a.ut = 0
+    touch(a, 'day', 'rq', 'ut')
+  end
+end
+
+-- Take n (<= available) from the buckets in burn order: rollover, monthly, bonus, premium.
+local function burn(a, n)
+  local tr = math.min(a.r, n); n = n - tr
+  local tm = math.min(a.m, n); n = n - tm
+  local tb = math.min(a.b, n); n = n - tb
+  local tp = math.min(a.p, n)
+  a.r = a.r - tr; a.m = a.m - tm; a.b = a.b - tb; a.p = a.p - tp
+  touch(a, 'r', 'm', 'b', 'p')
+  return tr, tm, tb, tp
+end
+
+local function parse_hold(raw)
+  local v = {}
+  for x in string.gmatch(raw, '[^:]+') do v[#v + 1] = tonumber(x) end
+  return {tokens = v[1], r = v[2], m = v[3], b = v[4], p = v[5], per = v[6], exp = v[7]}
+end
+
+local function get_hold(hid)
+  if HOLD_DEL[hid] then return nil end
+  local raw = redis.call('HGET', K_HOLDS, hid)
+  if not raw then return nil end
+  return parse_hold(raw)
+end
+
+-- Close a hold: charge up to `charge` tokens from it (burn order), give the rest back to the
+-- buckets it came from. Rollover and monthly tokens held across a month end expire instead.
+-- Journals an 'expiry' entry for those, then one entry of `kind` (release or settle).
+-- `extra_take` is an overdraw taken from the buckets (settle beyond the hold).
+-- Returns the tokens charged from the hold.
+local function close_hold(a, hid, hold, charge, kind, extra_take, meta)
+  local left = charge
+  local cr = math.min(hold.r, left); left = left - cr
+  local cm = math.min(hold.m, left); left = left - cm
+  local cb = math.min(hold.b, left); left = left - cb
+  local cp = math.min(hold.p, left)
+  local rr, rm, rb, rp = hold.r - cr, hold.m - cm, hold.b - cb, hold.p - cp
+  local gone = 0
+  if hold.per < a.per and rr + rm > 0 then
+    gone = rr + rm
+    rr, rm = 0, 0
+    a.h = a.h - gone
+    touch(a, 'h')
+    journal(a, 'expiry', 0, 0, 0, 0, -gone, {'hl', hid, 'nt', 'held across period end'})
+  end
+  local xr, xm, xb, xp = 0, 0, 0, 0
+  if extra_take > 0 then xr, xm, xb, xp = burn(a, extra_take) end
+  local from_hold = hold.tokens - gone
+  a.r = a.r + rr; a.m = a.m + rm; a.b = a.b + rb; a.p = a.p + rp
+  a.h = a.h - from_hold
+  touch(a, 'r', 'm', 'b', 'p', 'h')
+  local m = meta or {}
+  m[#m + 1] = 'hl'; m[#m + 1] = hid
+  journal(a, kind, rr - xr, rm - xm, rb - xb, rp - xp, -from_hold, m)
+  HOLD_DEL[hid] = true
+  HOLDS_CHANGED = true
+  return cr + cm + cb + cp
+end
+
+-- Release expired holds (at most `limit`), oldest first.
+local function expire_holds(a, limit)
+  if a.h == 0 then return 0 end
+  local ids = redis.call('ZRANGEBYSCORE', K_HEXP, '-inf', NOW, 'LIMIT', 0, limit)
+  local n = 0
+  for _, hid in ipairs(ids) do
+    local hold = get_hold(hid)
+    if hold then
+      close_hold(a, hid, hold, 0, 'release', 0, {'nt', 'hold expired'})
+      n = n + 1
+    end
+  end
+  return n
+end
+
+-- Daily cap, then the per-minute GCRA limit. Reads only.
+local function admit(a)
+  if a.dcap > 0 and a.rq >= a.dcap then
+    return 'daily_cap', (a.day + 1) * DAY_MS - NOW
+  end
+  if a.rpm > 0 then
+    local interval = math.floor(MINUTE_US / a.rpm)
+    local tolerance = MINUTE_US - interval
+    local now_us = NOW * 1000
+    local tat = math.max(a.tat, now_us)
+    if tat - now_us > tolerance then
+      return 'rate_limited', math.floor((tat - tolerance - now_us + 999) / 1000)
+    end
+  end
+  return 'ok', 0
+end
+
+local function count_request(a)
+  a.rq = a.rq + 1
+  a.treq = a.treq + 1
+  touch(a, 'rq', 'treq')
+  if a.rpm > 0 then
+    a.tat = math.max(a.tat, NOW * 1000) + math.floor(MINUTE_US / a.rpm)
+    touch(a, 'tat')
+  end
+end
+
+local function reply(a, code, id, retry, x1, x2)
+  return {code, fmt(id), available(a), a.h, a.rq, a.ut, retry, 0, a.dcap, x1 or 0, x2 or 0}
+end
+
+-- Idempotency: the stored reply of an earlier call with this request id, marked replayed;
+-- {'conflict'} when the id was used with other parameters; nil when new.
+local function replay()
+  if REQ == '' then return nil end
+  local stored = redis.call('GET', K_IDEM)
+  if not stored then return nil end
+  local sep = string.find(stored, '\n', 1, true)
+  if string.sub(stored, 1, sep - 1) ~= FP then return {'conflict'} end
+  local out = {}
+  for v in string.gmatch(string.sub(stored, sep + 1), '[^\t]+') do out[#out + 1] = v end
+  for i = 3, #out do out[i] = tonumber(out[i]) end
+  out[8] = 1
+  return out
+end
+
+-- Do every queued write. `out`, when given, is remembered under the request id for 24 h.
+local function commit(a, out)
+  for hid, rec in pairs(HOLD_SET) do
+    redis.call('HSET', K_HOLDS, hid, rec)
+    redis.call('ZADD', K_HEXP, string.match(rec, '(%d+)$'), hid)
+  end
+  for hid in pairs(HOLD_DEL) do
+    redis.call('HDEL', K_HOLDS, hid)
+    redis.call('ZREM', K_HEXP, hid)
+  end
+  local pairs_ = {}
+  for f in pairs(a.dirty) do
+    pairs_[#pairs_ + 1] = f
+    pairs_[#pairs_ + 1] = fmt(a[f])
+  end
+  if #pairs_ > 0 then redis.call('HSET', K_ACCT, unpack(pairs_)) end
+  for _, e in ipairs(JOURNAL) do redis.call('XADD', K_JOURNAL, '*', unpack(e)) end
+  if out and REQ ~= '' then
+    local parts = {}
+    for i, v in ipairs(out) do parts[i] = type(v) == 'number' and fmt(v) or v end
+    redis.call('SET', K_IDEM, FP .. '\n' .. table.concat(parts, '\t'), 'EX', IDEM_TTL_S)
+  end
+  if HOLDS_CHANGED then
+    if a.h == 0 then
+      redis.call('ZREM', K_SWEEP, ACCOUNT)
+    else
+      local first = redis.call('ZRANGE', K_HEXP, 0, 0, 'WITHSCORES')
+      if first[2] then redis.call('ZADD', K_SWEEP, first[2], ACCOUNT) end
+    end
+  end
+end

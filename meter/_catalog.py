@@ -1,0 +1,195 @@
+"""The catalog: plans, packs, promo codes, agents, model prices. One TOML file, validated on load."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from meter._errors import CatalogError, InvalidInput
+
+__all__ = ["MAX_INT", "Agent", "Catalog", "Model", "Pack", "Plan", "PromoCode", "default_catalog",
+           "load_catalog"]
+
+MAX_INT = 2**53  # Lua numbers are doubles: every integer that reaches a script stays below this.
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    id: str
+    name: str
+    monthly_tokens: int
+    price_inr_paise: int
+    daily_requests: int  # 0 = unlimited
+    requests_per_minute: int  # 0 = off
+    max_tokens_per_request: int
+    rollover_pct: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pack:
+    id: str
+    name: str
+    tokens: int
+    price_inr_paise: int
+    popular: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PromoCode:
+    code: str
+    bonus_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    id: str
+    name: str
+    estimate_tokens: int
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    id: str
+    name: str
+    input_usd_micros_per_mtok: int
+    output_usd_micros_per_mtok: int
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    plans: dict[str, Plan]
+    packs: dict[str, Pack]
+    promo_codes: dict[str, PromoCode]
+    agents: dict[str, Agent]
+    models: dict[str, Model]
+    inr_paise_per_usd: int
+
+    def plan(self, plan_id: str) -> Plan:
+        try:
+            return self.plans[plan_id]
+        except KeyError:
+            raise InvalidInput("plan", f"unknown plan {plan_id!r}; known: {sorted(self.plans)}") from None
+
+    def check_agent(self, agent: str | None) -> None:
+        if agent is not None and agent not in self.agents:
+            raise InvalidInput("agent", f"unknown agent {agent!r}; known: {sorted(self.agents)}")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.models:
+            raise InvalidInput("model", f"unknown model {model!r}; known: {sorted(self.models)}")
+
+    def cost_usd_micros(self, model: str, input_tokens: int, output_tokens: int) -> int:
+        """Estimated cost in micro-dollars, rounded half up. Unknown model costs nothing."""
+        m = self.models.get(model)
+        if m is None:
+            return 0
+        scaled = input_tokens * m.input_usd_micros_per_mtok + output_tokens * m.output_usd_micros_per_mtok
+        return (scaled + 500_000) // 1_000_000
+
+    def usd_micros_to_inr_paise(self, usd_micros: int) -> int:
+        return (usd_micros * self.inr_paise_per_usd + 500_000) // 1_000_000
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def _int(where: str, table: dict[str, Any], key: str, *, low: int = 0, default: int | None = None) -> int:
+    value = table.get(key, default)
+    if value is None:
+        raise CatalogError(f"{where}.{key}: missing")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CatalogError(f"{where}.{key}: must be an integer, got {value!r}")
+    if not low <= value < MAX_INT:
+        raise CatalogError(f"{where}.{key}: must be between {low} and 2^53, got {value}")
+    return value
+
+
+def _str(where: str, table: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise CatalogError(f"{where}.{key}: must be a non-empty string, got {value!r}")
+    return value
+
+
+def _section(data: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
+    section = data.get(name)
+    if not isinstance(section, dict) or not section:
+        raise CatalogError(f"[{name}]: missing or empty")
+    for key, value in section.items():
+        if not isinstance(value, dict):
+            raise CatalogError(f"[{name}.{key}]: must be a table")
+    return section
+
+
+def parse_catalog(data: dict[str, Any]) -> Catalog:
+    """Build a Catalog from parsed TOML, raising CatalogError that names the bad entry."""
+    plans = {}
+    for pid, t in _section(data, "plans").items():
+        w = f"plans.{pid}"
+        plans[pid] = Plan(
+            id=pid,
+            name=_str(w, t, "name", pid),
+            monthly_tokens=_int(w, t, "monthly_tokens"),
+            price_inr_paise=_int(w, t, "price_inr_paise"),
+            daily_requests=_int(w, t, "daily_requests", default=0),
+            requests_per_minute=_int(w, t, "requests_per_minute", default=0),
+            max_tokens_per_request=_int(w, t, "max_tokens_per_request", low=1, default=8192),
+            rollover_pct=_int(w, t, "rollover_pct", default=50),
+        )
+        if plans[pid].rollover_pct > 100:
+            raise CatalogError(f"{w}.rollover_pct: must be between 0 and 100")
+    packs = {}
+    for pid, t in _section(data, "packs").items():
+        w = f"packs.{pid}"
+        popular = t.get("popular", False)
+        if not isinstance(popular, bool):
+            raise CatalogError(f"{w}.popular: must be true or false")
+        packs[pid] = Pack(pid, _str(w, t, "name", pid), _int(w, t, "tokens", low=1),
+                          _int(w, t, "price_inr_paise"), popular)
+    promos = {
+        code: PromoCode(code, _int(f"promo_codes.{code}", t, "bonus_tokens", low=1))
+        for code, t in _section(data, "promo_codes").items()
+    }
+    models = {}
+    for mid, t in _section(data, "models").items():
+        w = f"models.{mid}"
+        models[mid] = Model(mid, _str(w, t, "name", mid), _int(w, t, "input_usd_micros_per_mtok"),
+                            _int(w, t, "output_usd_micros_per_mtok"))
+    agents = {}
+    for aid, t in _section(data, "agents").items():
+        w = f"agents.{aid}"
+        model = _str(w, t, "model")
+        if model not in models:
+            raise CatalogError(f"{w}.model: unknown model {model!r}")
+        agents[aid] = Agent(aid, _str(w, t, "name", aid), _int(w, t, "estimate_tokens", low=1), model)
+    rate = _int("catalog", data, "inr_paise_per_usd", low=1)
+    return Catalog(plans, packs, promos, agents, models, rate)
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    """Load a catalog TOML file; None loads the built-in default (the product brief's numbers)."""
+    try:
+        if path is None:
+            text = resources.files("meter").joinpath("catalog.toml").read_text("utf-8")
+        else:
+            text = Path(path).read_text("utf-8")
+        data = tomllib.loads(text)
+    except OSError as exc:
+        raise CatalogError(f"cannot read catalog {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"catalog {path or 'default'} is not valid TOML: {exc}") from exc
+    return parse_catalog(data)
+
+
+_default: Catalog | None = None
+
+
+def default_catalog() -> Catalog:
+    global _default
+    if _default is None:
+        _default = load_catalog()
+    return _default

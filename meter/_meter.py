@@ -1,0 +1,345 @@
+"""`Meter`: the public, async face of the wallet. Validates input, builds script arguments,
+runs one script per call on a store (Redis/Lua, or the reference model) and turns replies
+into values. A denial is a `Decision`; faults raise from `MeterError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any, Protocol
+
+from meter import keys as keyspace
+from meter._catalog import Catalog, default_catalog
+from meter._clock import Clock, SystemClock, month_end_ms, month_index
+from meter._errors import IdempotencyConflict, InvalidInput, MeterError, UnknownAccount, UnknownHold
+from meter._types import Balance, Decision, Receipt
+from meter._validate import (
+    MAX_HOLD_TTL_MS,
+    check_account_id,
+    check_hold_id,
+    check_int,
+    check_request_id,
+    check_text,
+)
+
+__all__ = ["CREDIT_KINDS", "Loader", "Meter", "Store"]
+
+CREDIT_BUCKETS = {"bonus": "b", "premium": "p"}
+CREDIT_KINDS = ("adjustment", "bonus", "grant", "purchase", "refund")
+_DECISIONS = {"ok", "insufficient", "daily_cap", "rate_limited"}
+
+Loader = Callable[[str], Awaitable[Mapping[str, str | int] | None]]
+"""Rehydration: returns an account's snapshot fields (those of the balance script) or None."""
+
+
+class Store(Protocol):
+    """Runs one wallet operation atomically: `call(op, KEYS, ARGV)` → the script's reply."""
+
+    def call(self, op: str, keys: Sequence[str], argv: Sequence[str | int]) -> Awaitable[list[Any]]: ...
+
+    async def close(self) -> None: ...
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+
+
+class Meter:
+    """Token wallet operations for one deployment (one key prefix, one shard count)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        catalog: Catalog | None = None,
+        clock: Clock | None = None,
+        shards: int = keyspace.DEFAULT_SHARDS,
+        prefix: str = keyspace.PREFIX,
+        hold_ttl_ms: int = 300_000,
+        loader: Loader | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog or default_catalog()
+        self.clock = clock or SystemClock()
+        self.shards = shards
+        self.prefix = prefix
+        self.hold_ttl_ms = check_int("hold_ttl_ms", hold_ttl_ms, high=MAX_HOLD_TTL_MS)
+        self.loader = loader
+        self._month = (0, -1, 0)  # (month start ms, month end ms, month index) of the last call
+
+        @lru_cache(maxsize=65_536)
+        def _account_keys(account_id: str) -> keyspace.AccountKeys:
+            return keyspace.account_keys(account_id, shards=shards, prefix=prefix)
+
+        self._account_keys = _account_keys
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        timeout_ms: int = 250,
+        max_connections: int = 64,
+        **options: Any,
+    ) -> Meter:
+        """A Meter on Redis at `url`; `fakeredis://` runs an in-process Redis (with Lua).
+
+        Connecting fails fast (100 ms) and commands time out after `timeout_ms`: when Redis is
+        down every call raises StoreUnavailable instead of waiting (fail closed).
+        """
+        from meter._redis_store import RedisStore  # noqa: PLC0415 (keeps pure imports light)
+
+        redis = _make_redis(url, timeout_ms=timeout_ms, max_connections=max_connections)
+        return cls(RedisStore(redis), **options)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    # -- arguments -------------------------------------------------------------------------------
+
+    def _keys(self, account_id: str, request_id: str) -> Sequence[str]:
+        k = self._account_keys(account_id)
+        if not request_id:
+            return k
+        return (*k[:5], f"{k.idempotency}{request_id}")
+
+    def _now(self) -> tuple[int, int, int]:
+        now = self.clock.now_ms()
+        start, end, month = self._month
+        if not start <= now < end:
+            month = month_index(now)
+            start, end = month_end_ms(month - 1), month_end_ms(month)
+            self._month = (start, end, month)
+        return now, month, now // 86_400_000
+
+    async def _run(self, op: str, account_id: str, request_id: str, fingerprint: str,
+                   args: Sequence[str | int]) -> list[Any]:
+        now, month, day = self._now()
+        argv = (account_id, now, month, day, request_id, fingerprint, *args)
+        reply = await self.store.call(op, self._keys(account_id, request_id), argv)
+        if reply[0] == "no_account" and self.loader is not None and await self._rehydrate(account_id):
+            reply = await self.store.call(op, self._keys(account_id, request_id), argv)
+        code = reply[0]
+        if code == "no_account":
+            raise UnknownAccount(account_id)
+        if code == "conflict":
+            raise IdempotencyConflict(request_id)
+        if code == "over_max":
+            raise InvalidInput("tokens", f"exceeds the plan's per-request maximum of {reply[9]}")
+        if code == "overflow":
+            raise InvalidInput("tokens", "would take the bucket past 2^53")
+        return reply
+
+    async def _rehydrate(self, account_id: str) -> bool:
+        assert self.loader is not None
+        snapshot = await self.loader(account_id)
+        if not snapshot:
+            return False
+        fields: list[str | int] = []
+        for name, value in snapshot.items():
+            fields += [name, value]
+        await self.store.call("load", self._keys(account_id, ""), (account_id, 0, 0, 0, "", "", *fields))
+        return True
+
+    def _decision(self, account_id: str, reply: list[Any]) -> Decision:
+        code = reply[0]
+        if code not in _DECISIONS:
+            raise MeterError(f"unexpected reply {reply!r}")
+        allowed = code == "ok"
+        return Decision(
+            allowed=allowed, reason=code, tokens=int(reply[9]), remaining=int(reply[2]),
+            reserved=int(reply[3]), requests_today=int(reply[4]), tokens_used_today=int(reply[5]),
+            daily_request_limit=int(reply[8]), retry_after_ms=int(reply[6]),
+            replayed=bool(int(reply[7])),
+            transaction_id=f"{account_id}:{reply[1]}" if allowed else None,
+        )
+
+    def _receipt(self, account_id: str, reply: list[Any], hold_id: str = "") -> Receipt:
+        if reply[0] == "no_hold":
+            raise UnknownHold(account_id, hold_id)
+        return Receipt(
+            transaction_id=f"{account_id}:{reply[1]}", remaining=int(reply[2]),
+            reserved=int(reply[3]), replayed=bool(int(reply[7])), tokens=int(reply[9]),
+            charged=int(reply[9]), uncollected=int(reply[10]),
+        )
+
+    # -- operations ------------------------------------------------------------------------------
+
+    async def open_account(self, account_id: str, plan: str = "free") -> bool:
+        """Open an account and grant this month's allowance; False if it already existed."""
+        check_account_id(account_id)
+        p = self.catalog.plan(plan)
+        reply = await self._run("open", account_id, "", "", (
+            p.id, p.monthly_tokens, p.daily_requests, p.requests_per_minute,
+            p.max_tokens_per_request, p.rollover_pct))
+        return bool(reply[0] == "ok")
+
+    async def debit(
+        self,
+        account_id: str,
+        tokens: int,
+        *,
+        agent: str | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        project_id: str | None = None,
+    ) -> Decision:
+        """Check-and-deduct `tokens` now. Retrying with the same request_id charges once."""
+        check_account_id(account_id)
+        check_int("tokens", tokens)
+        rid = check_request_id(request_id)
+        self.catalog.check_agent(agent)
+        self.catalog.check_model(model)
+        inp = "" if input_tokens is None else check_int("input_tokens", input_tokens, low=0)
+        out = "" if output_tokens is None else check_int("output_tokens", output_tokens, low=0)
+        pj = check_text("project_id", project_id)
+        args = (tokens, agent or "", model or "", inp, out, pj)
+        fp = _fingerprint("debit", *args) if rid else ""
+        return self._decision(account_id, await self._run("debit", account_id, rid, fp, args))
+
+    async def reserve(
+        self,
+        account_id: str,
+        tokens: int,
+        *,
+        ttl_ms: int | None = None,
+        agent: str | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
+        project_id: str | None = None,
+    ) -> Decision:
+        """Hold `tokens` until settle/release (or expiry after ttl_ms); the Decision has hold_id."""
+        check_account_id(account_id)
+        check_int("tokens", tokens)
+        ttl = check_int("ttl_ms", self.hold_ttl_ms if ttl_ms is None else ttl_ms, high=MAX_HOLD_TTL_MS)
+        rid = check_request_id(request_id)
+        self.catalog.check_agent(agent)
+        self.catalog.check_model(model)
+        pj = check_text("project_id", project_id)
+        args = (tokens, ttl, agent or "", model or "", pj)
+        fp = _fingerprint("reserve", *args) if rid else ""
+        reply = await self._run("reserve", account_id, rid, fp, args)
+        decision = self._decision(account_id, reply)
+        if not decision.allowed:
+            return decision
+        hold_id = str(reply[1])
+        return Decision(**{**_fields(decision), "hold_id": hold_id, "expires_at_ms": int(reply[10])})
+
+    async def settle(
+        self,
+        account_id: str,
+        hold_id: str,
+        actual_tokens: int,
+        *,
+        agent: str | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        project_id: str | None = None,
+    ) -> Receipt:
+        """Charge the actual usage of a hold and return the rest; shortfall → `uncollected`."""
+        check_account_id(account_id)
+        check_hold_id(hold_id)
+        check_int("actual_tokens", actual_tokens, low=0)
+        rid = check_request_id(request_id)
+        self.catalog.check_agent(agent)
+        self.catalog.check_model(model)
+        inp = "" if input_tokens is None else check_int("input_tokens", input_tokens, low=0)
+        out = "" if output_tokens is None else check_int("output_tokens", output_tokens, low=0)
+        pj = check_text("project_id", project_id)
+        args = (hold_id, actual_tokens, agent or "", model or "", inp, out, pj)
+        fp = _fingerprint("settle", *args) if rid else ""
+        return self._receipt(account_id, await self._run("settle", account_id, rid, fp, args), hold_id)
+
+    async def release(self, account_id: str, hold_id: str, *, request_id: str | None = None) -> Receipt:
+        """Cancel a hold: every held token goes back where it came from."""
+        check_account_id(account_id)
+        check_hold_id(hold_id)
+        rid = check_request_id(request_id)
+        fp = _fingerprint("release", hold_id) if rid else ""
+        reply = await self._run("release", account_id, rid, fp, (hold_id,))
+        receipt = self._receipt(account_id, reply, hold_id)
+        return Receipt(receipt.transaction_id, receipt.remaining, receipt.reserved, receipt.replayed,
+                       tokens=receipt.tokens)
+
+    async def credit(
+        self,
+        account_id: str,
+        tokens: int,
+        *,
+        bucket: str = "bonus",
+        kind: str = "grant",
+        note: str | None = None,
+        reference: str | None = None,
+        request_id: str | None = None,
+    ) -> Receipt:
+        """Add tokens to the bonus or premium bucket, journaled as `kind`."""
+        check_account_id(account_id)
+        check_int("tokens", tokens)
+        if bucket not in CREDIT_BUCKETS:
+            raise InvalidInput("bucket", f"must be one of {sorted(CREDIT_BUCKETS)}")
+        if kind not in CREDIT_KINDS:
+            raise InvalidInput("kind", f"must be one of {list(CREDIT_KINDS)}")
+        rid = check_request_id(request_id)
+        args = (CREDIT_BUCKETS[bucket], tokens, kind, check_text("note", note, 500),
+                check_text("reference", reference, 255))
+        fp = _fingerprint("credit", *args) if rid else ""
+        receipt = self._receipt(account_id, await self._run("credit", account_id, rid, fp, args))
+        return Receipt(receipt.transaction_id, receipt.remaining, receipt.reserved, receipt.replayed,
+                       tokens=receipt.tokens)
+
+    async def balance(self, account_id: str) -> Balance:
+        """The live balance (performs a due month/day reset and hold expiry first)."""
+        check_account_id(account_id)
+        reply = await self._run("balance", account_id, "", "", ())
+        f = dict(zip(reply[1::2], reply[2::2], strict=True))
+        n = {k: int(v) for k, v in f.items() if k != "plan"}
+        return Balance(
+            account_id=account_id, plan=str(f["plan"]), rollover_tokens=n["r"],
+            monthly_remaining=n["m"], bonus_tokens=n["b"], premium_tokens=n["p"],
+            reserved_tokens=n["h"], monthly_allowance=n["allow"], used_tokens=n["used"],
+            requests_today=n["rq"], tokens_used_today=n["ut"], total_requests=n["treq"],
+            daily_request_limit=n["dcap"], requests_per_minute=n["rpm"],
+            max_tokens_per_request=n["maxreq"], month_reset_ms=month_end_ms(n["per"]),
+        )
+
+    async def snapshot(self, account_id: str) -> dict[str, str]:
+        """The account's raw fields (for persistence snapshots and rehydration)."""
+        check_account_id(account_id)
+        reply = await self._run("balance", account_id, "", "", ())
+        return {str(k): str(v) for k, v in zip(reply[1::2], reply[2::2], strict=True)}
+
+    async def sweep_account(self, account_id: str, limit: int = 100) -> int:
+        """Release up to `limit` expired holds of one account; returns how many."""
+        check_account_id(account_id)
+        reply = await self._run("sweep", account_id, "", "", (check_int("limit", limit),))
+        return int(reply[1])
+
+
+def _fields(d: Decision) -> dict[str, Any]:
+    return {name: getattr(d, name) for name in Decision.__slots__}
+
+
+def _make_redis(url: str, *, timeout_ms: int, max_connections: int) -> Any:
+    from redis.asyncio import Redis  # noqa: PLC0415
+    from redis.asyncio.retry import Retry  # noqa: PLC0415
+    from redis.backoff import NoBackoff  # noqa: PLC0415
+
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_connect_timeout": 0.1,
+        "socket_timeout": timeout_ms / 1000,
+        "retry": Retry(NoBackoff(), 0),
+        "max_connections": max_connections,
+    }
+    if url.startswith("fakeredis://"):
+        import fakeredis  # noqa: PLC0415
+
+        return fakeredis.FakeAsyncRedis(decode_responses=True)
+    return Redis.from_url(url, **common)
+
