@@ -42,6 +42,7 @@ __all__ = [
     "PromoCode",
     "Receipt",
     "ReferenceStore",
+    "Store",
     "StoreUnavailable",
     "SystemClock",
     "UnknownAccount",

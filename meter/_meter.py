@@ -89,7 +89,7 @@ class Meter:
         Connecting fails fast (100 ms) and commands time out after `timeout_ms`: when Redis is
         down every call raises StoreUnavailable instead of waiting (fail closed).
         """
-        from meter._redis_store import RedisStore  # noqa: PLC0415 (keeps pure imports light)
+        from meter._redis_store import RedisStore
 
         redis = _make_redis(url, timeout_ms=timeout_ms, max_connections=max_connections)
         return cls(RedisStore(redis), **options)
@@ -326,9 +326,9 @@ def _fields(d: Decision) -> dict[str, Any]:
 
 
 def _make_redis(url: str, *, timeout_ms: int, max_connections: int) -> Any:
-    from redis.asyncio import Redis  # noqa: PLC0415
-    from redis.asyncio.retry import Retry  # noqa: PLC0415
-    from redis.backoff import NoBackoff  # noqa: PLC0415
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
 
     common: dict[str, Any] = {
         "decode_responses": True,
@@ -338,7 +338,7 @@ def _make_redis(url: str, *, timeout_ms: int, max_connections: int) -> Any:
         "max_connections": max_connections,
     }
     if url.startswith("fakeredis://"):
-        import fakeredis  # noqa: PLC0415
+        import fakeredis
 
         return fakeredis.FakeAsyncRedis(decode_responses=True)
     return Redis.from_url(url, **common)

@@ -91,7 +91,7 @@ class RedisStore:
     async def _pipeline(self, calls: list[tuple[str, Sequence[str], Sequence[str | int]]]) -> list[Any]:
         """Send EVALSHA calls in one write and read every reply; error replies come back as values."""
         pool = self.redis.connection_pool
-        conn = await pool.get_connection()
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             commands = [("EVALSHA", sha, len(keys), *keys, *argv) for sha, keys, argv in calls]
             await conn.send_packed_command(conn.pack_commands(commands), check_health=False)

@@ -240,7 +240,7 @@ class ReferenceStore:
     def _op_open(self, c: _Call, args: Sequence[str]) -> list[Any]:
         if self._load(c):
             return self._reply(c, "exists", c.a["seq"], 0)
-        a = dict.fromkeys(NUMERIC_FIELDS, 0)
+        a: dict[str, Any] = dict.fromkeys(NUMERIC_FIELDS, 0)
         a.update(plan=args[0], allow=int(args[1]), dcap=int(args[2]), rpm=int(args[3]),
                  maxreq=int(args[4]), rpct=int(args[5]), per=c.month, day=c.day, created=c.now)
         c.a = a
