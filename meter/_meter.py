@@ -81,18 +81,26 @@ class Meter:
         url: str = "redis://127.0.0.1:6379/0",
         *,
         timeout_ms: int = 250,
-        max_connections: int = 64,
         **options: Any,
     ) -> Meter:
-        """A Meter on Redis at `url`; `fakeredis://` runs an in-process Redis (with Lua).
+        """A Meter on Redis at `url` (redis://, rediss:// or unix://); `fakeredis://` runs an
+        in-process Redis with Lua (the embedded default).
 
-        Connecting fails fast (100 ms) and commands time out after `timeout_ms`: when Redis is
-        down every call raises StoreUnavailable instead of waiting (fail closed).
+        Connecting gives up after 100 ms and a call waits at most `timeout_ms` for Redis: when
+        Redis is down every call raises StoreUnavailable instead of waiting (fail closed).
         """
-        from meter._redis_store import RedisStore
+        store: Store
+        if url.startswith("fakeredis://"):
+            import fakeredis
 
-        redis = _make_redis(url, timeout_ms=timeout_ms, max_connections=max_connections)
-        return cls(RedisStore(redis), **options)
+            from meter._redis_store import RedisStore
+
+            store = RedisStore(fakeredis.FakeAsyncRedis(decode_responses=True))
+        else:
+            from meter._pipelined_store import PipelinedRedisStore
+
+            store = PipelinedRedisStore(url, timeout_ms=timeout_ms)
+        return cls(store, **options)
 
     async def close(self) -> None:
         await self.store.close()
@@ -323,23 +331,3 @@ class Meter:
 
 def _fields(d: Decision) -> dict[str, Any]:
     return {name: getattr(d, name) for name in Decision.__slots__}
-
-
-def _make_redis(url: str, *, timeout_ms: int, max_connections: int) -> Any:
-    from redis.asyncio import Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    common: dict[str, Any] = {
-        "decode_responses": True,
-        "socket_connect_timeout": 0.1,
-        "socket_timeout": timeout_ms / 1000,
-        "retry": Retry(NoBackoff(), 0),
-        "max_connections": max_connections,
-    }
-    if url.startswith("fakeredis://"):
-        import fakeredis
-
-        return fakeredis.FakeAsyncRedis(decode_responses=True)
-    return Redis.from_url(url, **common)
-

@@ -1,0 +1,214 @@
+"""The hot-path Redis store: one pipelined connection, hand-packed EVALSHA, hiredis parsing.
+
+Every call is written into an output buffer that is flushed once per event-loop tick, so
+concurrent calls share one write and one read (auto-batching without a pipeline object).
+Replies arrive in order and resolve their callers' futures straight from `data_received`.
+The packed KEYS of an account are cached. A watchdog fails every waiting call with
+StoreUnavailable when Redis stops answering for `timeout_ms`: the meter fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio import Redis
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from meter._errors import MeterError, StoreUnavailable
+from meter._scripts import ScriptRegistry
+
+__all__ = ["PipelinedRedisStore"]
+
+
+def _bulk(value: str | int | bytes) -> bytes:
+    b = value if isinstance(value, bytes) else str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def pack(*args: str | int | bytes) -> bytes:
+    """One RESP command."""
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
+
+
+@lru_cache(maxsize=65_536)
+def _packed_keys(keys: tuple[str, ...]) -> bytes:
+    return _bulk(len(keys)) + b"".join(_bulk(k) for k in keys)
+
+
+class _Connection(asyncio.Protocol):
+    """A RESP connection whose replies resolve waiting futures in FIFO order."""
+
+    def __init__(self, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timeout = timeout
+        self.reader = hiredis.Reader(encoding="utf-8")
+        self.transport: asyncio.Transport | None = None
+        self.waiters: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self.out: list[bytes] = []
+        self.flush_scheduled = False
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.broken: Exception | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiters = self.waiters
+        while (reply := self.reader.gets()) is not False:
+            fut, _ = waiters.popleft()
+            if not fut.done():
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(StoreUnavailable(f"Redis connection lost: {exc or 'closed by server'}"))
+
+    # use
+    def send(self, payload: bytes) -> asyncio.Future[Any]:
+        if self.broken is not None:
+            raise self.broken
+        fut = self.loop.create_future()
+        self.waiters.append((fut, self.loop.time()))
+        self.out.append(payload)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        if self.watchdog is None:
+            self.watchdog = self.loop.call_later(self.timeout, self._check)
+        return fut
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self._fail(StoreUnavailable("connection closed"))
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.out and self.transport is not None and self.broken is None:
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    def _check(self) -> None:
+        self.watchdog = None
+        if not self.waiters:
+            return
+        oldest = self.waiters[0][1]
+        if self.loop.time() - oldest >= self.timeout:
+            if self.transport is not None:
+                self.transport.abort()
+            self._fail(StoreUnavailable(f"Redis did not answer within {self.timeout * 1000:.0f} ms"))
+        else:
+            self.watchdog = self.loop.call_at(oldest + self.timeout, self._check)
+
+    def _fail(self, exc: Exception) -> None:
+        if self.broken is None:
+            self.broken = exc
+        while self.waiters:
+            fut, _ = self.waiters.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+
+
+class PipelinedRedisStore:
+    """Runs wallet scripts over one auto-pipelined connection; reconnects lazily after a failure.
+
+    `redis` is an ordinary redis-py client on the same server for everything off the hot path.
+    """
+
+    def __init__(self, url: str, registry: ScriptRegistry | None = None, *, timeout_ms: int = 250,
+                 connect_timeout_ms: int = 100, max_connections: int = 16) -> None:
+        self.url = url
+        self.registry = registry or ScriptRegistry()
+        self.timeout = timeout_ms / 1000
+        self.connect_timeout = connect_timeout_ms / 1000
+        self.options = parse_url(url)
+        self.redis = Redis.from_url(url, decode_responses=True, socket_timeout=self.timeout,
+                                    socket_connect_timeout=self.connect_timeout,
+                                    retry=Retry(NoBackoff(), 0), max_connections=max_connections)
+        self._conn: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
+        self._loading: dict[str, asyncio.Future[Any]] = {}
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        await self.redis.aclose()
+
+    async def call(self, op: str, keys: Sequence[str], argv: Sequence[str | int]) -> list[Any]:
+        payload = self._pack(op, keys, argv)
+        conn = self._conn
+        if conn is None or conn.broken is not None:
+            conn = await self._connect()
+        reply = await conn.send(payload)
+        if isinstance(reply, hiredis.ReplyError):
+            if not str(reply).startswith("NOSCRIPT"):
+                raise MeterError(f"script {op} failed: {reply}")
+            await self._load_script(op)
+            reply = await conn.send(payload)
+            if isinstance(reply, hiredis.ReplyError):
+                raise MeterError(f"script {op} failed after loading: {reply}")
+        result: list[Any] = reply
+        return result
+
+    async def _load_script(self, op: str) -> None:
+        """SCRIPT LOAD once for all the calls that met NOSCRIPT at the same time."""
+        loading = self._loading.get(op)
+        if loading is None:
+            loading = asyncio.ensure_future(self.redis.script_load(self.registry[op].text))
+            self._loading[op] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(op, None))
+        try:
+            await asyncio.shield(loading)
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot load script {op}: {exc}") from exc
+
+    def _pack(self, op: str, keys: Sequence[str], argv: Sequence[str | int]) -> bytes:
+        sha = self.registry[op].sha
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + len(argv), sha.encode())
+        return head + _packed_keys(tuple(keys)) + b"".join(_bulk(a) for a in argv)
+
+    async def _connect(self) -> _Connection:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        try:
+            return await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        o = self.options
+        try:
+            factory = lambda: _Connection(self.timeout)  # noqa: E731
+            if "path" in o:
+                coro = loop.create_unix_connection(factory, o["path"])
+            else:
+                coro = loop.create_connection(factory, o.get("host", "localhost"), o.get("port", 6379))
+            _, conn = await asyncio.wait_for(coro, self.connect_timeout)
+        except (TimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"cannot connect to Redis: {exc or 'timed out'}") from exc
+        setup = []
+        if o.get("password"):
+            auth = ("AUTH", o["username"], o["password"]) if o.get("username") else ("AUTH", o["password"])
+            setup.append(conn.send(pack(*auth)))
+        if o.get("db"):
+            setup.append(conn.send(pack("SELECT", o["db"])))
+        for reply in await asyncio.gather(*setup):
+            if isinstance(reply, hiredis.ReplyError):
+                conn.close()
+                raise StoreUnavailable(f"Redis refused the connection setup: {reply}")
+        self._conn = conn
+        return conn
