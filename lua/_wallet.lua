@@ -52,14 +52,17 @@ end
 
 local function available(a) return a.r + a.m + a.b + a.p end
 
--- Append one journal entry (written at commit). Call it after mutating the buckets, so that
--- 'av' and 'hd' are the balances after this change.
+-- Append one journal entry (written at commit). Call it after mutating the buckets and
+-- counters, so that 'av', 'hd' and the state 'st' (plan:period:r:m:b:p:h:used:requests, what a
+-- snapshot needs) are those after this change.
 local function journal(a, kind, dr, dm, db, dp, dh, extra)
   a.seq = a.seq + 1
   touch(a, 'seq')
   local e = {'t', kind, 'a', ACCOUNT, 'q', fmt(a.seq), 'd', fmt(dr + dm + db + dp + dh),
              'bk', fmt(dr) .. ':' .. fmt(dm) .. ':' .. fmt(db) .. ':' .. fmt(dp) .. ':' .. fmt(dh),
-             'av', fmt(available(a)), 'hd', fmt(a.h), 'ts', fmt(NOW)}
+             'av', fmt(available(a)), 'hd', fmt(a.h), 'ts', fmt(NOW),
+             'st', a.plan .. ':' .. fmt(a.per) .. ':' .. fmt(a.r) .. ':' .. fmt(a.m) .. ':' .. fmt(a.b)
+               .. ':' .. fmt(a.p) .. ':' .. fmt(a.h) .. ':' .. fmt(a.used) .. ':' .. fmt(a.treq)}
   if REQ ~= '' then e[#e + 1] = 'rq'; e[#e + 1] = REQ end
   if extra then
     for i = 1, #extra, 2 do

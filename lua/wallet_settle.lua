@@ -25,12 +25,12 @@ if not hold then
 end
 local extra = math.max(actual - hold.tokens, 0)
 local take = math.min(extra, available(a))
-local from_hold = close_hold(a, hid, hold, actual, 'settle', take,
-  {'ag', ARGV[9], 'mo', ARGV[10], 'in', ARGV[11], 'ou', ARGV[12], 'pj', ARGV[13]})
-local charged = from_hold + take
+local charged = math.min(actual, hold.tokens) + take
 a.ut = a.ut + charged
 a.used = a.used + charged
 touch(a, 'ut', 'used')
+close_hold(a, hid, hold, actual, 'settle', take,
+  {'ag', ARGV[9], 'mo', ARGV[10], 'in', ARGV[11], 'ou', ARGV[12], 'pj', ARGV[13]})
 local out = reply(a, 'ok', a.seq, 0, charged, extra - take)
 commit(a, out)
 return out

@@ -99,7 +99,8 @@ class ReferenceStore:
         a["seq"] += 1
         e = {"t": kind, "a": c.account_id, "q": str(a["seq"]), "d": str(dr + dm + db + dp + dh),
              "bk": f"{dr}:{dm}:{db}:{dp}:{dh}", "av": str(self._available(a)), "hd": str(a["h"]),
-             "ts": str(c.now)}
+             "ts": str(c.now),
+             "st": f"{a['plan']}:{a['per']}:{a['r']}:{a['m']}:{a['b']}:{a['p']}:{a['h']}:{a['used']}:{a['treq']}"}
         if c.request_id:
             e["rq"] = c.request_id
         for k, v in extra:
@@ -328,12 +329,12 @@ class ReferenceStore:
         a = c.a
         extra = max(actual - hold.tokens, 0)
         take = min(extra, self._available(a))
-        from_hold = self._close_hold(c, hid, hold, actual, "settle", take,
-                                     [("ag", args[2]), ("mo", args[3]), ("in", args[4]),
-                                      ("ou", args[5]), ("pj", args[6])])
-        charged = from_hold + take
+        charged = min(actual, hold.tokens) + take
         a["ut"] += charged
         a["used"] += charged
+        self._close_hold(c, hid, hold, actual, "settle", take,
+                         [("ag", args[2]), ("mo", args[3]), ("in", args[4]), ("ou", args[5]),
+                          ("pj", args[6])])
         out = self._reply(c, "ok", a["seq"], 0, charged, extra - take)
         self._commit(c, out, holds_changed=True)
         return out

@@ -136,6 +136,14 @@ class JournalEntry:
     available_after: int
     held_after: int
     ts_ms: int
+    plan: str  # the account's state after this change, for snapshots:
+    period: int  # month index
+    rollover_after: int
+    monthly_after: int
+    bonus_after: int
+    premium_after: int
+    used_after: int  # lifetime tokens charged
+    requests_after: int  # lifetime admitted requests
     request_id: str = ""
     agent: str = ""
     model: str = ""
@@ -158,10 +166,14 @@ class JournalEntry:
     def from_fields(cls, f: dict[str, str]) -> JournalEntry:
         """Parse a stream entry's fields (raises KeyError/ValueError on a malformed entry)."""
         dr, dm, db, dp, dh = (int(x) for x in f["bk"].split(":"))
+        plan, *state = f["st"].split(":")
+        per, r, m, b, p, _h, used, treq = (int(x) for x in state)
         return cls(
             kind=f["t"], account_id=f["a"], seq=int(f["q"]), delta=int(f["d"]),
             rollover=dr, monthly=dm, bonus=db, premium=dp, held=dh,
             available_after=int(f["av"]), held_after=int(f["hd"]), ts_ms=int(f["ts"]),
+            plan=plan, period=per, rollover_after=r, monthly_after=m, bonus_after=b, premium_after=p,
+            used_after=used, requests_after=treq,
             request_id=f.get("rq", ""), agent=f.get("ag", ""), model=f.get("mo", ""),
             input_tokens=int(f["in"]) if "in" in f else None,
             output_tokens=int(f["ou"]) if "ou" in f else None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 import tomllib
 import uuid
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from meter import CREDIT_KINDS, FakeClock, JournalEntry, Meter, ReferenceStore
+from meter import CREDIT_KINDS, Decision, FakeClock, JournalEntry, Meter, Receipt, ReferenceStore
 from meter import keys as keyspace
 from meter._catalog import Catalog, parse_catalog
 from meter._clock import DAY_MS, month_end_ms, month_index
@@ -94,12 +95,28 @@ def _outcome_error(exc: Exception) -> tuple[Any, ...]:
     return ("raised", type(exc).__name__, getattr(exc, "field", None), str(exc))
 
 
+def _label(name: str, outcome: tuple[Any, ...]) -> str:
+    """A coarse label of an outcome, for the coverage summary the test prints."""
+    if outcome[0] == "raised":
+        return f"{name}: {outcome[1]}" + (f"({outcome[2]})" if outcome[2] else "")
+    value = outcome[1]
+    if isinstance(value, Decision):
+        return f"{name}: {value.reason}" + (" replayed" if value.replayed else "")
+    if isinstance(value, Receipt):
+        extra = " uncollected" if value.uncollected else ""
+        return f"{name}: ok{extra}" + (" replayed" if value.replayed else "")
+    if name == "sweep_account":
+        return f"{name}: {min(value, 1)}+ released"
+    return f"{name}: ok"
+
+
 class ParityMachine(RuleBasedStateMachine):
     """Reference model vs Lua, one call at a time, compared after every step."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, stats: Counter[str]) -> None:
         super().__init__()
         self.backend = backend
+        self.stats = stats  # outcome labels over the whole run (printed by the test)
         self.prefix = f"tmparity{uuid.uuid4().hex[:10]}"
         self.now = BASE_MS
         self.ref_clock = FakeClock(self.now)
@@ -108,6 +125,7 @@ class ParityMachine(RuleBasedStateMachine):
         self.holds: list[tuple[str, str, int]] = []  # (account, hold id, tokens) of every hold made
         self.recorded: list[tuple[str, tuple[Any, ...], tuple[tuple[str, Any], ...]]] = []
         self.just_moved = False
+        self.journaled: dict[str, int] = {}  # entries already seen per account (for statistics)
         self.keysets = {a: keyspace.account_keys(a, shards=SHARDS, prefix=self.prefix) for a in ACCOUNTS}
         self.shard_keys = sorted({(k.sweep, k.journal) for k in self.keysets.values()})
         self.loop = asyncio.new_event_loop()
@@ -158,6 +176,7 @@ class ParityMachine(RuleBasedStateMachine):
         ref = self._run(self.ref, name, args, kwargs)
         lua = self._run(self.lua, name, args, kwargs)
         assert ref == lua, f"{name}{args} {kwargs}:\n  reference: {ref!r}\n  lua:       {lua!r}"
+        self.stats[_label(name, ref)] += 1
         if kwargs.get("request_id") is not None:
             call = (name, args, tuple(sorted(kwargs.items())))
             if call not in self.recorded:
@@ -372,6 +391,10 @@ class ParityMachine(RuleBasedStateMachine):
         dump = await self._compare_stores()
         journals = await self._compare_journals()
         self._check_lua_invariants(dump, journals)
+        for account, entries in journals.items():
+            for e in entries[self.journaled.get(account, 0):]:
+                self.stats[f"journal: {e.kind}" + (f" ({e.note})" if e.kind in ("expiry", "release") else "")] += 1
+            self.journaled[account] = len(entries)
         for account, bal in balances.items():
             entries = journals[account]
             assert min(bal.rollover_tokens, bal.monthly_remaining, bal.bonus_tokens, bal.premium_tokens,
@@ -400,4 +423,10 @@ SETTINGS = settings(
 
 
 def test_lua_matches_reference_model(lua_backend: str) -> None:
-    run_state_machine_as_test(lambda: ParityMachine(lua_backend), settings=SETTINGS)
+    stats: Counter[str] = Counter()
+    try:
+        run_state_machine_as_test(lambda: ParityMachine(lua_backend, stats), settings=SETTINGS)
+    finally:  # what the run exercised: shown with `pytest -rP` (or -s)
+        print(f"parity vs {lua_backend}: {EXAMPLES} examples x {STEPS} steps; outcomes seen:")
+        for label, n in sorted(stats.items()):
+            print(f"  {n:6d}  {label}")

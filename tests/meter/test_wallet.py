@@ -24,6 +24,10 @@ async def conservation(meter: Meter, account: str) -> None:
         last = entries[-1]
         assert last.available_after == bal.remaining_tokens
         assert last.held_after == bal.reserved_tokens
+        state = (last.rollover_after, last.monthly_after, last.bonus_after, last.premium_after,
+                 last.used_after, last.requests_after, last.plan)
+        assert state == (bal.rollover_tokens, bal.monthly_remaining, bal.bonus_tokens, bal.premium_tokens,
+                         bal.used_tokens, bal.total_requests, bal.plan)
         assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
 
 
