@@ -4,7 +4,8 @@ Every call is written into an output buffer that is flushed once per event-loop 
 concurrent calls share one write and one read (auto-batching without a pipeline object).
 Replies arrive in order and resolve their callers' futures straight from `data_received`.
 The packed KEYS of an account are cached. A watchdog fails every waiting call with
-StoreUnavailable when Redis stops answering for `timeout_ms`: the meter fails closed.
+StoreUnavailable when Redis has not answered anything for `timeout_ms` while calls wait: the
+meter fails closed.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class _Connection(asyncio.Protocol):
         self.flush_scheduled = False
         self.watchdog: asyncio.TimerHandle | None = None
         self.broken: Exception | None = None
+        self.silent_since: float | None = None  # when Redis last owed us a reply and gave none
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -67,6 +69,7 @@ class _Connection(asyncio.Protocol):
             fut, _ = waiters.popleft()
             if not fut.done():
                 fut.set_result(reply)
+        self.silent_since = self.loop.time() if waiters else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(StoreUnavailable(f"Redis connection lost: {exc or 'closed by server'}"))
@@ -94,13 +97,17 @@ class _Connection(asyncio.Protocol):
         self.flush_scheduled = False
         if self.out and self.transport is not None and self.broken is None:
             self.transport.write(b"".join(self.out))
+            if self.silent_since is None:
+                self.silent_since = self.loop.time()
         self.out.clear()
 
     def _check(self) -> None:
         self.watchdog = None
         if not self.waiters:
             return
-        oldest = self.waiters[0][1]
+        # Silence is measured from the last reply (or the first write since): a long pipeline
+        # that keeps answering is not a failure, a Redis that answers nothing is.
+        oldest = self.silent_since if self.silent_since is not None else self.loop.time()
         if self.loop.time() - oldest >= self.timeout:
             if self.transport is not None:
                 self.transport.abort()

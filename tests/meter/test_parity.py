@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import Counter
 import tomllib
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -64,13 +64,17 @@ MINUTE_MS = 60_000
 def _catalog() -> Catalog:
     """The built-in catalog plus small plans whose limits a 40-step run actually reaches."""
     data = tomllib.loads(resources.files("meter").joinpath("catalog.toml").read_text("utf-8"))
-    data["plans"]["tiny"] = {  # per-minute limit (burst 3) and a daily cap of 6
-        "name": "Tiny", "monthly_tokens": 12_000, "price_inr_paise": 0, "daily_requests": 6,
-        "requests_per_minute": 3, "max_tokens_per_request": 5_000, "rollover_pct": 30,
+    data["plans"]["tiny"] = {  # per-minute limit (burst 2) and a daily cap of 5
+        "name": "Tiny", "monthly_tokens": 12_000, "price_inr_paise": 0, "daily_requests": 5,
+        "requests_per_minute": 2, "max_tokens_per_request": 5_000, "rollover_pct": 30,
     }
     data["plans"]["odd"] = {  # 60 s / 7 is not a whole number of microseconds; 33 % rollover
         "name": "Odd", "monthly_tokens": 9_999, "price_inr_paise": 0, "daily_requests": 0,
         "requests_per_minute": 7, "rollover_pct": 33,
+    }
+    data["plans"]["capped"] = {  # a daily cap of 3 and no per-minute limit; nothing rolls over
+        "name": "Capped", "monthly_tokens": 30_000, "price_inr_paise": 0, "daily_requests": 3,
+        "rollover_pct": 0,
     }
     data["plans"]["payg"] = {  # no allowance at all (open journals nothing), full rollover
         "name": "PAYG", "monthly_tokens": 0, "price_inr_paise": 0, "rollover_pct": 100,
@@ -79,15 +83,16 @@ def _catalog() -> Catalog:
 
 
 CATALOG = _catalog()
-PLANS = st.sampled_from(["free", "basic", "pro", "tiny", "odd", "payg"])
+PLANS = st.sampled_from(["free", "basic", "pro", "tiny", "odd", "capped", "payg"])
 ACCOUNT_IDS = st.sampled_from(ACCOUNTS)
-RIDS = st.none() | st.sampled_from(REQUEST_IDS)
+RIDS = st.one_of(st.none(), st.none(), st.sampled_from(REQUEST_IDS))  # a third carry one
 AGENTS = st.sampled_from([None, "idea", "code"])
 MODELS = st.sampled_from([None, "haiku", "sonnet"])
 PROJECTS = st.sampled_from([None, "p1"])
 OPT_COUNT = st.none() | st.integers(0, 5_000)
+SMALL = st.integers(1, 1_500)
 # 1..9000 (over the 8,192 and 5,000 per-request maxima), small amounts, and the exact edges
-TOKENS = st.integers(1, 9_000) | st.integers(1, 400) | st.sampled_from([5_000, 5_001, 8_192, 8_193])
+TOKENS = st.one_of(st.integers(1, 9_000), SMALL, SMALL, st.sampled_from([5_000, 5_001, 8_192, 8_193]))
 TTLS = st.none() | st.integers(1, 200_000)
 
 
@@ -106,7 +111,7 @@ def _label(name: str, outcome: tuple[Any, ...]) -> str:
         extra = " uncollected" if value.uncollected else ""
         return f"{name}: ok{extra}" + (" replayed" if value.replayed else "")
     if name == "sweep_account":
-        return f"{name}: {min(value, 1)}+ released"
+        return f"{name}: {'some' if value else 'none'} released"
     return f"{name}: ok"
 
 
@@ -189,13 +194,28 @@ class ParityMachine(RuleBasedStateMachine):
         self.lua_clock.set(now)
         self.just_moved = True
 
+    def _open_holds(self) -> list[tuple[str, str, int]]:
+        """(account, hold id, tokens) of the holds open now, read from the reference model."""
+        store = self.ref.store
+        assert isinstance(store, ReferenceStore)
+        return [(account, hid, hold.tokens) for account, ks in self.keysets.items()
+                for hid, hold in sorted(store.holds.get(ks.holds, {}).items())]
+
+    def _hold_expiries(self) -> list[int]:
+        store = self.ref.store
+        assert isinstance(store, ReferenceStore)
+        return sorted(h.exp for ks in self.keysets.values() for h in store.holds.get(ks.holds, {}).values())
+
     # -- rules: accounts and money -----------------------------------------------------------
 
-    @initialize(start=st.integers(0, 400 * DAY_MS), plan=PLANS)
-    def first_account(self, start: int, plan: str) -> None:
+    @initialize(start=st.integers(0, 400 * DAY_MS),
+                plans=st.tuples(PLANS, st.none() | PLANS, st.none() | PLANS))
+    def open_accounts(self, start: int, plans: tuple[str | None, ...]) -> None:
+        """Start somewhere in 2026-27; open the first account, and the others unless None."""
         self._set_time(BASE_MS + start)
-        if self._both("open_account", ACCOUNTS[0], plan)[0] == "ok":
-            self.opened.add(ACCOUNTS[0])
+        for account, plan in zip(ACCOUNTS, plans, strict=True):
+            if plan is not None and self._both("open_account", account, plan)[0] == "ok":
+                self.opened.add(account)
 
     @rule(account=ACCOUNT_IDS, plan=PLANS)
     def open_account(self, account: str, plan: str) -> None:
@@ -210,7 +230,19 @@ class ParityMachine(RuleBasedStateMachine):
         self._both("debit", account, tokens, agent=agent, model=model, request_id=request_id,
                    input_tokens=input_tokens, output_tokens=output_tokens, project_id=project_id)
 
-    @rule(account=ACCOUNT_IDS, tokens=st.integers(1, 50_000) | st.integers(1, 500),
+    @rule(account=ACCOUNT_IDS, op=st.sampled_from(["debit", "reserve"]), n=st.integers(2, 10),
+          tokens=SMALL, ttl_ms=TTLS)
+    def burst(self, account: str, op: str, n: int, tokens: int, ttl_ms: int | None) -> None:
+        """n requests at the same instant: per-minute limits, daily caps, many holds."""
+        for _ in range(n):
+            if op == "debit":
+                out = self._both("debit", account, tokens)
+            else:
+                out = self._reserve(account, tokens, ttl_ms=ttl_ms)
+            if out[0] == "raised":
+                break
+
+    @rule(account=ACCOUNT_IDS, tokens=st.integers(1, 50_000) | SMALL,
           bucket=st.sampled_from(["bonus", "premium"]), kind=st.sampled_from(CREDIT_KINDS),
           note=st.sampled_from([None, "promo WELCOME2024"]), reference=st.sampled_from([None, "pay_1"]),
           request_id=RIDS)
@@ -219,53 +251,91 @@ class ParityMachine(RuleBasedStateMachine):
         self._both("credit", account, tokens, bucket=bucket, kind=kind, note=note, reference=reference,
                    request_id=request_id)
 
-    @rule(account=ACCOUNT_IDS, tokens=TOKENS, ttl_ms=TTLS, agent=AGENTS, model=MODELS, request_id=RIDS,
-          project_id=PROJECTS)
-    def reserve(self, account: str, tokens: int, ttl_ms: int | None, agent: str | None,
-                model: str | None, request_id: str | None, project_id: str | None) -> None:
-        out = self._both("reserve", account, tokens, ttl_ms=ttl_ms, agent=agent, model=model,
-                         request_id=request_id, project_id=project_id)
+    def _reserve(self, account: str, tokens: int, **kwargs: Any) -> tuple[Any, ...]:
+        out = self._both("reserve", account, tokens, **kwargs)
         if out[0] == "ok" and out[1].allowed:
             hold = (account, out[1].hold_id, tokens)
             if hold not in self.holds:
                 self.holds.append(hold)
+        return out
+
+    @rule(account=ACCOUNT_IDS, tokens=TOKENS, ttl_ms=TTLS, agent=AGENTS, model=MODELS, request_id=RIDS,
+          project_id=PROJECTS)
+    def reserve(self, account: str, tokens: int, ttl_ms: int | None, agent: str | None,
+                model: str | None, request_id: str | None, project_id: str | None) -> None:
+        self._reserve(account, tokens, ttl_ms=ttl_ms, agent=agent, model=model, request_id=request_id,
+                      project_id=project_id)
 
     def _pick_hold(self, data: st.DataObject) -> tuple[str, str, int]:
-        """A hold made earlier (maybe closed or expired since, maybe asked of another account),
-        or an id that was never a hold."""
-        if self.holds and data.draw(st.integers(0, 3), label="known hold") > 0:
-            account, hold_id, tokens = data.draw(st.sampled_from(self.holds), label="hold")
-            if data.draw(st.integers(0, 7), label="other account") == 0:
-                account = data.draw(ACCOUNT_IDS, label="account")
-            return account, hold_id, tokens
-        account = data.draw(ACCOUNT_IDS, label="account")
-        return account, data.draw(st.sampled_from(UNKNOWN_HOLDS), label="unknown hold"), 5_000
+        """Mostly an open hold; else one made earlier (maybe closed or expired since), or an id
+        that was never a hold; now and then asked of another account than its own."""
+        choice = data.draw(st.integers(0, 3), label="hold kind")
+        pool = (self._open_holds() if choice >= 2 else []) or (self.holds if choice >= 1 else [])
+        if not pool:
+            account = data.draw(ACCOUNT_IDS, label="account")
+            return account, data.draw(st.sampled_from(UNKNOWN_HOLDS), label="unknown hold"), 2_000
+        account, hold_id, tokens = data.draw(st.sampled_from(pool), label="hold")
+        if data.draw(st.integers(0, 7), label="other account") == 0:
+            account = data.draw(ACCOUNT_IDS, label="account")
+        return account, hold_id, tokens
 
+    @precondition(lambda self: bool(self.holds))
     @rule(data=st.data(), agent=AGENTS, model=MODELS, request_id=RIDS, input_tokens=OPT_COUNT,
           output_tokens=OPT_COUNT, project_id=PROJECTS)
     def settle(self, data: st.DataObject, agent: str | None, model: str | None, request_id: str | None,
                input_tokens: int | None, output_tokens: int | None, project_id: str | None) -> None:
         account, hold_id, tokens = self._pick_hold(data)
-        actual = data.draw(st.integers(0, 2 * tokens) | st.sampled_from([0, tokens]), label="actual")
+        actual = data.draw(st.integers(0, 2 * tokens) | st.sampled_from([0, tokens, tokens + 1, 2 * tokens]),
+                           label="actual")
         self._both("settle", account, hold_id, actual, agent=agent, model=model, request_id=request_id,
                    input_tokens=input_tokens, output_tokens=output_tokens, project_id=project_id)
 
+    @rule(account=ACCOUNT_IDS, tokens=TOKENS, ttl_ms=TTLS, data=st.data(),
+          wait=st.sampled_from(["none", "short", "to_expiry", "past_month_end"]),
+          close=st.sampled_from(["settle", "release"]), request_id=RIDS)
+    def hold_lifecycle(self, account: str, tokens: int, ttl_ms: int | None, data: st.DataObject,
+                       wait: str, close: str, request_id: str | None) -> None:
+        """reserve, let some time pass (maybe to the expiry, maybe into the next month), then
+        settle (0..2x the hold: overdraw, uncollected) or release it."""
+        out = self._reserve(account, tokens, ttl_ms=ttl_ms)
+        if out[0] != "ok" or not out[1].allowed:
+            return
+        hold_id, expires = out[1].hold_id, out[1].expires_at_ms
+        if wait == "short":
+            self._set_time(self.now + data.draw(st.integers(0, 2 * MINUTE_MS), label="wait ms"))
+        elif wait == "to_expiry":
+            self._set_time(max(self.now, expires + data.draw(st.integers(-1, 1), label="vs expiry")))
+        elif wait == "past_month_end":
+            self._set_time(month_end_ms(month_index(self.now)) + data.draw(st.integers(0, 1_000), label="ms"))
+        if close == "settle":
+            actual = data.draw(st.integers(0, 2 * tokens) | st.sampled_from([tokens, 2 * tokens]),
+                               label="actual")
+            self._both("settle", account, hold_id, actual, request_id=request_id)
+        else:
+            self._both("release", account, hold_id, request_id=request_id)
+
+    @precondition(lambda self: bool(self.holds))
     @rule(data=st.data(), request_id=RIDS)
     def release(self, data: st.DataObject, request_id: str | None) -> None:
         account, hold_id, _ = self._pick_hold(data)
         self._both("release", account, hold_id, request_id=request_id)
 
-    @rule(account=ACCOUNT_IDS)
-    def balance(self, account: str) -> None:
-        self._both("balance", account)
+    @rule(account=ACCOUNT_IDS, raw=st.booleans())
+    def look(self, account: str, raw: bool) -> None:
+        """balance() (or snapshot(), the raw fields): both reset lazily, like any other call."""
+        self._both("snapshot" if raw else "balance", account)
 
-    @rule(account=ACCOUNT_IDS)
-    def snapshot(self, account: str) -> None:
-        self._both("snapshot", account)
-
-    @rule(account=ACCOUNT_IDS, limit=st.integers(1, 10))
-    def sweep_account(self, account: str, limit: int) -> None:
-        self._both("sweep_account", account, limit)
+    @rule(data=st.data(), limit=st.integers(1, 10))
+    def sweeper_runs(self, data: st.DataObject, limit: int) -> None:
+        """The periodic sweeper: maybe time passes to (about) a hold's expiry, then every account
+        (opened or not) is swept before anything else touches it."""
+        expiries = self._hold_expiries()
+        if expiries and data.draw(st.booleans(), label="move to a hold's expiry"):
+            exp = data.draw(st.sampled_from(expiries), label="expiry")
+            delta = data.draw(st.sampled_from([-1, 0, 1]) | st.integers(0, 3_600_000), label="delta")
+            self._set_time(max(self.now, exp + delta))
+        for account in ACCOUNTS:
+            self._both("sweep_account", account, limit)
 
     @precondition(lambda self: bool(self.recorded))
     @rule(data=st.data())
@@ -276,23 +346,31 @@ class ParityMachine(RuleBasedStateMachine):
 
     # -- rules: time -------------------------------------------------------------------------
 
-    @rule(ms=st.integers(1, 10 * MINUTE_MS) | st.integers(1, 1_000))
+    @rule(ms=st.integers(1, 10 * MINUTE_MS) | st.integers(1, 2_000) | st.integers(-2 * MINUTE_MS, -1))
     def tick(self, ms: int) -> None:
+        """Time moves on a little; or back a little (another server's clock is behind: the
+        wallet's periods must never move back)."""
         self._set_time(self.now + ms)
 
-    @rule(kind=st.sampled_from(["next_day", "month_end", "just_before_month_end", "two_months"]),
+    @rule(kind=st.sampled_from(["next_day", "month_end", "just_before_month_end", "two_months",
+                                "hold_expiry"]),
           offset=st.integers(0, DAY_MS - 1))
     def jump(self, kind: str, offset: int) -> None:
         month = month_index(self.now)
+        expiries = self._hold_expiries()
         if kind == "next_day":  # just past the next UTC midnight
             target = (self.now // DAY_MS + 1) * DAY_MS + offset % (2 * 3_600_000)
         elif kind == "month_end":  # into the next month
             target = month_end_ms(month) + offset
         elif kind == "just_before_month_end":  # the last minutes of this month (holds then cross)
-            target = max(self.now, month_end_ms(month) - 1 - offset % (10 * MINUTE_MS))
+            target = month_end_ms(month) - 1 - offset % (10 * MINUTE_MS)
+        elif kind == "hold_expiry" and expiries:  # one ms before, at, or after an expiry
+            target = expiries[offset % len(expiries)] + offset % 3 - 1
+        elif kind == "hold_expiry":
+            target = self.now + offset % MINUTE_MS
         else:  # two month ends at once: the rollover is lost
             target = month_end_ms(month + 1) + offset
-        self._set_time(target)
+        self._set_time(max(self.now, target))
 
     # -- comparisons after every step --------------------------------------------------------
 
@@ -393,7 +471,8 @@ class ParityMachine(RuleBasedStateMachine):
         self._check_lua_invariants(dump, journals)
         for account, entries in journals.items():
             for e in entries[self.journaled.get(account, 0):]:
-                self.stats[f"journal: {e.kind}" + (f" ({e.note})" if e.kind in ("expiry", "release") else "")] += 1
+                note = f" ({e.note})" if e.kind in ("expiry", "release") else ""
+                self.stats[f"journal: {e.kind}{note}"] += 1
             self.journaled[account] = len(entries)
         for account, bal in balances.items():
             entries = journals[account]

@@ -1,0 +1,312 @@
+"""The flusher: journal streams in Redis → the ledger in the database, every entry exactly once.
+
+Loop (one consumer group, any number of flusher processes sharing it):
+XREADGROUP a batch from every shard's stream → write it in one database transaction,
+idempotent by transaction id → COMMIT → XACK → now and then XTRIM each stream below its
+oldest unacknowledged entry (never MAXLEN: that would drop unflushed entries).
+Entries a dead consumer left pending are taken over with XAUTOCLAIM; an entry delivered more
+than `max_deliveries` times, or one that cannot be parsed or written, goes to the dead-letter
+stream with the reason, a log line and a metric — never dropped silently. Database down:
+retry with backoff, nothing acked. Redis down: wait and resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import exceptions as rexc
+from redis.asyncio import Redis
+
+from meter import JournalEntry
+from meter import keys as keyspace
+from persistence import metrics
+from persistence.ledger import DatabaseUnavailable, LedgerWriter, WriteResult
+
+__all__ = ["Flusher", "FlusherConfig", "FlusherStats", "dead_letter_key"]
+
+log = logging.getLogger("tokenmeter.flusher")
+
+_REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+Entry = tuple[str, str, dict[str, str]]  # (stream key, entry id, fields)
+
+
+def dead_letter_key(prefix: str = keyspace.PREFIX) -> str:
+    return f"{prefix}:deadletter"
+
+
+@dataclass(slots=True)
+class FlusherConfig:
+    group: str = "tm-flusher"
+    consumer: str = ""  # default: host-pid-random
+    batch: int = 2_000  # entries per XREADGROUP per stream, and per database transaction
+    block_ms: int = 200
+    claim_idle_ms: int = 30_000  # pending this long → its consumer is presumed dead
+    claim_every_s: float = 5.0
+    max_deliveries: int = 5
+    trim_every_s: float = 5.0
+    backoff_max_s: float = 5.0
+
+
+@dataclass(slots=True)
+class FlusherStats:
+    flushed: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    dead_letters: int = 0
+    forks: list[str] = field(default_factory=list)
+    db_retries: int = 0
+
+
+class Flusher:
+    """Moves journal entries from every shard stream into the ledger."""
+
+    def __init__(self, redis: Redis, writer: LedgerWriter, *, shards: int = keyspace.DEFAULT_SHARDS,
+                 prefix: str = keyspace.PREFIX, config: FlusherConfig | None = None) -> None:
+        self.redis = redis
+        self.writer = writer
+        self.prefix = prefix
+        self.config = config or FlusherConfig()
+        if not self.config.consumer:
+            self.config.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.streams = [keyspace.journal_key(s, prefix) for s in range(shards)]
+        self.dead_letter = dead_letter_key(prefix)
+        self.stats = FlusherStats()
+        self._ready = False
+        self._own_pending_done = False
+        self._last_claim = 0.0
+        self._last_trim = 0.0
+        self._stop = asyncio.Event()
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Create the consumer group on every stream (MKSTREAM); only BUSYGROUP is ignored."""
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, self.config.group, id="0", mkstream=True)
+            except rexc.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._ready = True
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Flush until `stop` is set; survives Redis and database outages."""
+        stop = self._stop = stop or asyncio.Event()
+        delay = 0.05
+        while not stop.is_set():
+            try:
+                if not self._ready:
+                    await self.setup()
+                await self.step()
+                delay = 0.05
+            except DatabaseUnavailable:
+                return  # only raised once stop is set
+            except _REDIS_DOWN as exc:
+                log.warning("redis unavailable, retrying in %.2fs: %s", delay, exc)
+                await _sleep_or_stop(stop, delay)
+                delay = min(delay * 2, self.config.backoff_max_s)
+                self._ready = False
+
+    async def step(self) -> int:
+        """One round: own pending (after a restart), claims, a new batch, maybe a trim."""
+        done = 0
+        if not self._own_pending_done:
+            done += await self._process(await self._read("0"))
+            self._own_pending_done = True
+        now = time.monotonic()
+        if now - self._last_claim >= self.config.claim_every_s:
+            self._last_claim = now
+            done += await self._claim()
+        done += await self._process(await self._read(">", block=self.config.block_ms))
+        if time.monotonic() - self._last_trim >= self.config.trim_every_s:
+            self._last_trim = time.monotonic()
+            await self.trim()
+        return done
+
+    async def drain(self, idle_rounds: int = 2) -> int:
+        """Flush until the streams have nothing new (for tests, tools and benchmarks)."""
+        total, idle = 0, 0
+        if not self._ready:
+            await self.setup()
+        while idle < idle_rounds:
+            n = await self.step()
+            total += n
+            idle = idle + 1 if n == 0 else 0
+        return total
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def _read(self, start: str, block: int | None = None) -> list[Entry]:
+        reply = await self.redis.xreadgroup(
+            self.config.group, self.config.consumer, dict.fromkeys(self.streams, start),
+            count=self.config.batch, block=block)
+        out: list[Entry] = []
+        for stream, entries in reply or []:
+            out += [(stream, eid, fields) for eid, fields in entries if fields is not None]
+        return out
+
+    async def _claim(self) -> int:
+        """Take over entries idle past claim_idle_ms (their consumer died); poison → dead letter."""
+        done = 0
+        for stream in self.streams:
+            start = "0-0"
+            for _ in range(100):  # bounded: at most 100 pages per stream per round
+                nxt, claimed, *_ = await self.redis.xautoclaim(
+                    stream, self.config.group, self.config.consumer, self.config.claim_idle_ms,
+                    start_id=start, count=self.config.batch)
+                entries = [(stream, eid, f) for eid, f in claimed if f is not None]
+                if entries:
+                    done += await self._process_claimed(stream, entries)
+                if nxt in ("0-0", b"0-0"):
+                    break
+                start = nxt
+        return done
+
+    async def _process_claimed(self, stream: str, entries: list[Entry]) -> int:
+        info = await self.redis.xpending_range(stream, self.config.group, min=entries[0][1],
+                                               max=entries[-1][1], count=len(entries) + 10,
+                                               consumername=self.config.consumer)
+        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in info}
+        poison = [e for e in entries if deliveries.get(e[1], 0) > self.config.max_deliveries]
+        if poison:
+            await self._dead_letter(poison, f"delivered more than {self.config.max_deliveries} times")
+        ok = [e for e in entries if deliveries.get(e[1], 0) <= self.config.max_deliveries]
+        return await self._process(ok)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    async def _process(self, entries: list[Entry]) -> int:
+        if not entries:
+            return 0
+        done = 0
+        for i in range(0, len(entries), self.config.batch):
+            done += await self._write_batch(entries[i:i + self.config.batch])
+        return done
+
+    async def _write_batch(self, entries: Sequence[Entry]) -> int:
+        parsed: list[tuple[JournalEntry, str]] = []
+        good: list[Entry] = []
+        for e in entries:
+            try:
+                parsed.append((JournalEntry.from_fields(e[2]), e[1]))
+                good.append(e)
+            except (KeyError, ValueError) as exc:
+                await self._dead_letter([e], f"malformed entry: {exc!r}")
+        if not parsed:
+            return 0
+        try:
+            result = await self._write(parsed)
+        except Exception as exc:  # the database rejected something: isolate it, keep the rest
+            if len(good) == 1:
+                await self._dead_letter(good, f"database rejected the entry: {exc!r}")
+                return 0
+            log.warning("batch rejected (%r); writing its %d entries one by one", exc, len(good))
+            return sum([await self._write_batch([e]) for e in good])
+        forks = set(result.forks)
+        if forks:
+            await self._dead_letter([e for e, (p, _) in zip(good, parsed, strict=True)
+                                     if p.transaction_id in forks],
+                                    "transaction id already stored from another stream entry "
+                                    "(Redis lost acknowledged data)")
+            self.stats.forks += sorted(forks)
+            metrics.FORKS.inc(len(forks))
+        await self._ack([e for e, (p, _) in zip(good, parsed, strict=True) if p.transaction_id not in forks])
+        self.stats.flushed += result.inserted
+        self.stats.duplicates += result.duplicates
+        self.stats.batches += 1
+        metrics.FLUSHED.inc(result.inserted)
+        metrics.DUPLICATES.inc(result.duplicates)
+        metrics.BATCH_SIZE.observe(len(parsed))
+        return len(parsed)
+
+    async def _write(self, parsed: list[tuple[JournalEntry, str]]) -> WriteResult:
+        """Write one batch, retrying with backoff while the database is unreachable."""
+        delay = 0.05
+        while True:
+            try:
+                return await self.writer.write(parsed)
+            except DatabaseUnavailable as exc:
+                if self._stop.is_set():
+                    raise
+                self.stats.db_retries += 1
+                metrics.DB_ERRORS.inc()
+                log.warning("database unavailable, retrying batch of %d in %.2fs: %s", len(parsed), delay, exc)
+                await _sleep_or_stop(self._stop, delay)
+                delay = min(delay * 2, self.config.backoff_max_s)
+
+    async def _ack(self, entries: Sequence[Entry]) -> None:
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        for stream, eid, _ in entries:
+            by_stream[stream].append(eid)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self.config.group, *ids)
+            await pipe.execute()
+
+    async def _dead_letter(self, entries: Sequence[Entry], reason: str) -> None:
+        for stream, eid, fields in entries:
+            log.error("dead-lettering journal entry %s %s: %s", stream, eid, reason)
+            await self.redis.xadd(self.dead_letter, {"stream": stream, "id": eid, "reason": reason,
+                                                     "fields": json.dumps(fields)})
+            await self.redis.xack(stream, self.config.group, eid)
+            metrics.DEAD_LETTERS.labels(reason=reason.split(":")[0][:40]).inc()
+        self.stats.dead_letters += len(entries)
+
+    # -- trimming and lag ------------------------------------------------------------------------
+
+    async def trim(self) -> None:
+        """XTRIM each stream below its oldest pending entry (or its last delivered one)."""
+        for shard, stream in enumerate(self.streams):
+            groups = await self.redis.xinfo_groups(stream)
+            g = next((g for g in groups if g["name"] == self.config.group), None)
+            if g is None:
+                continue
+            if len(groups) > 1:  # another group may still need older entries
+                continue
+            pending = await self.redis.xpending(stream, self.config.group)
+            boundary = pending["min"] if pending["pending"] else g["last-delivered-id"]
+            metrics.PENDING.labels(shard=str(shard)).set(pending["pending"])
+            metrics.LAG_SECONDS.labels(shard=str(shard)).set(await self._lag(stream, pending, g))
+            if boundary and boundary != "0-0":
+                await self.redis.xtrim(stream, minid=boundary, approximate=False)
+
+    async def _lag(self, stream: str, pending: dict[str, Any], group: dict[str, Any]) -> float:
+        oldest = pending["min"] if pending["pending"] else None
+        if oldest is None:
+            nxt = await self.redis.xrange(stream, min=f"({group['last-delivered-id']}", count=1)
+            oldest = nxt[0][0] if nxt else None
+        if oldest is None:
+            return 0.0
+        return max(time.time() - int(str(oldest).split("-")[0]) / 1000, 0.0)
+
+    async def lag(self) -> dict[str, Any]:
+        """Pending count and oldest unflushed entry age over all shards."""
+        total_pending, worst = 0, 0.0
+        for stream in self.streams:
+            groups = await self.redis.xinfo_groups(stream)
+            g = next((g for g in groups if g["name"] == self.config.group), None)
+            if g is None:
+                continue
+            pending = await self.redis.xpending(stream, self.config.group)
+            total_pending += pending["pending"]
+            worst = max(worst, await self._lag(stream, pending, g))
+        return {"pending": total_pending, "oldest_unflushed_seconds": worst}
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except TimeoutError:
+        pass
