@@ -100,7 +100,7 @@ class ReferenceStore:
         e = {"t": kind, "a": c.account_id, "q": str(a["seq"]), "d": str(dr + dm + db + dp + dh),
              "bk": f"{dr}:{dm}:{db}:{dp}:{dh}", "av": str(self._available(a)), "hd": str(a["h"]),
              "ts": str(c.now),
-             "st": f"{a['plan']}:{a['per']}:{a['r']}:{a['m']}:{a['b']}:{a['p']}:{a['h']}:{a['used']}:{a['treq']}"}
+             "st": ":".join(str(a[f]) for f in ("plan", "per", "r", "m", "b", "p", "h", "used", "treq"))}
         if c.request_id:
             e["rq"] = c.request_id
         for k, v in extra:

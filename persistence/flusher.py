@@ -13,6 +13,7 @@ retry with backoff, nothing acked. Redis down: wait and resume.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -242,7 +243,8 @@ class Flusher:
                     raise
                 self.stats.db_retries += 1
                 metrics.DB_ERRORS.inc()
-                log.warning("database unavailable, retrying batch of %d in %.2fs: %s", len(parsed), delay, exc)
+                log.warning("database unavailable, retrying batch of %d in %.2fs: %s",
+                            len(parsed), delay, exc)
                 await _sleep_or_stop(self._stop, delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
 
@@ -306,7 +308,5 @@ class Flusher:
 
 
 async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), delay)
-    except TimeoutError:
-        pass

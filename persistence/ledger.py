@@ -117,7 +117,8 @@ class LedgerWriter:
 
     def _upsert_snapshots(self) -> Any:
         ins = (pg_insert if self.db.is_postgres else sqlite_insert)(TokenBalance)
-        cols = {c: getattr(ins.excluded, c) for c in TokenBalance.__table__.columns.keys() if c != "account_id"}
+        cols = {c.name: getattr(ins.excluded, c.name) for c in TokenBalance.__table__.columns
+                if c.name != "account_id"}
         return ins.on_conflict_do_update(index_elements=["account_id"], set_=cols,
                                          where=TokenBalance.seq < ins.excluded.seq)
 

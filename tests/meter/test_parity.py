@@ -296,7 +296,7 @@ class ParityMachine(RuleBasedStateMachine):
     def hold_lifecycle(self, account: str, tokens: int, ttl_ms: int | None, data: st.DataObject,
                        wait: str, close: str, request_id: str | None) -> None:
         """reserve, let some time pass (maybe to the expiry, maybe into the next month), then
-        settle (0..2x the hold: overdraw, uncollected) or release it."""
+        settle (0..2x the hold, or the overdraw the balance just covers, or one more) or release."""
         out = self._reserve(account, tokens, ttl_ms=ttl_ms)
         if out[0] != "ok" or not out[1].allowed:
             return
@@ -307,9 +307,10 @@ class ParityMachine(RuleBasedStateMachine):
             self._set_time(max(self.now, expires + data.draw(st.integers(-1, 1), label="vs expiry")))
         elif wait == "past_month_end":
             self._set_time(month_end_ms(month_index(self.now)) + data.draw(st.integers(0, 1_000), label="ms"))
-        if close == "settle":
-            actual = data.draw(st.integers(0, 2 * tokens) | st.sampled_from([tokens, 2 * tokens]),
-                               label="actual")
+        if close == "settle":  # 0..2x, or just what the balance covers (+1: one uncollected)
+            edge = tokens + out[1].remaining
+            edges = st.sampled_from([tokens, 2 * tokens, edge, edge + 1])
+            actual = data.draw(st.integers(0, 2 * tokens) | edges, label="actual")
             self._both("settle", account, hold_id, actual, request_id=request_id)
         else:
             self._both("release", account, hold_id, request_id=request_id)
