@@ -127,7 +127,7 @@ class Meter:
         now, month, day = self._now()
         argv = (account_id, now, month, day, request_id, fingerprint, *args)
         reply = await self.store.call(op, self._keys(account_id, request_id), argv)
-        if reply[0] == "no_account" and self.loader is not None and await self._rehydrate(account_id):
+        if reply[0] == "no_account" and self.loader is not None and await self.rehydrate(account_id):
             reply = await self.store.call(op, self._keys(account_id, request_id), argv)
         code = reply[0]
         if code == "no_account":
@@ -140,16 +140,21 @@ class Meter:
             raise InvalidInput("tokens", "would take the bucket past 2^53")
         return reply
 
-    async def _rehydrate(self, account_id: str) -> bool:
-        assert self.loader is not None
+    async def rehydrate(self, account_id: str) -> bool:
+        """Load the account from the loader's snapshot if Redis lacks it; True if loaded."""
+        check_account_id(account_id)
+        if self.loader is None:
+            return False
         snapshot = await self.loader(account_id)
         if not snapshot:
             return False
         fields: list[str | int] = []
         for name, value in snapshot.items():
             fields += [name, value]
-        await self.store.call("load", self._keys(account_id, ""), (account_id, 0, 0, 0, "", "", *fields))
-        return True
+        now, month, day = self._now()
+        reply = await self.store.call("load", self._keys(account_id, ""),
+                                      (account_id, now, month, day, "", "", *fields))
+        return bool(reply[0] == "ok")
 
     def _decision(self, account_id: str, reply: list[Any]) -> Decision:
         code = reply[0]

@@ -396,4 +396,12 @@ class ReferenceStore:
         for k, v in fields.items():
             a[k] = v if k == "plan" else int(v)
         self.accounts[c.keys[0]] = a
+        if a["h"] > 0:  # holds do not survive: held tokens come back as bonus
+            c.a = dict(a)
+            lost = c.a["h"]
+            c.a["h"] = 0
+            c.a["b"] += lost
+            self._journal(c, "release", 0, 0, lost, 0, -lost,
+                          [("nt", "hold lost with Redis data; returned as bonus")])
+            self._save(c)
         return ["ok", 1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -134,3 +134,101 @@ async def redis_dump(meter: Meter) -> dict[str, Any]:
         else:
             out[key] = await client.get(key)
     return out
+
+
+# -- databases ---------------------------------------------------------------------------------
+
+PG_ADMIN_URL = os.environ.get("TOKENMETER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_up() -> bool:
+    import asyncio
+
+    import asyncpg
+
+    async def ping() -> bool:
+        try:
+            conn = await asyncpg.connect(PG_ADMIN_URL, timeout=2)
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return False
+        await conn.close()
+        return True
+
+    return asyncio.run(ping())
+
+
+REAL_PG = _pg_up()
+DATABASES = ["sqlite", *(["postgres"] if REAL_PG or CI else [])]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if CI and not REAL_PG:
+        pytest.exit(f"CI=true but PostgreSQL at {PG_ADMIN_URL} is unreachable", returncode=3)
+
+
+def _in_thread(make_coro: Callable[[], Any]) -> Any:
+    """Run a coroutine to completion on its own loop in a worker thread (callable from a loop)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make_coro())).result()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh Postgres database for this test run (dropped afterwards); its URL."""
+
+    import asyncpg
+
+    if not REAL_PG:
+        pytest.skip("PostgreSQL not reachable")
+    name = f"tmtest_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _in_thread(lambda: admin(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    from persistence import migrate
+    from persistence.db import Database
+
+    async def setup() -> None:
+        db = Database(url)
+        await migrate.upgrade(db)
+        await db.close()
+
+    _in_thread(setup)
+    yield url
+    _in_thread(lambda: admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=DATABASES)
+async def database(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Any]:
+    """A migrated, empty database: a SQLite file, or the run's Postgres database truncated."""
+    from sqlalchemy import text
+
+    from persistence import migrate
+    from persistence.db import Database
+    from persistence.models import Base
+
+    if request.param == "sqlite":
+        db = Database(str(tmp_path / "tm.sqlite3"))
+        await migrate.upgrade(db)
+    else:
+        db = Database(request.getfixturevalue("pg_database"))
+        async with db.engine.begin() as conn:
+            tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+            await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY"))
+    yield db
+    await db.close()
+
+
+@pytest.fixture
+def real_redis() -> None:
+    if not REAL_REDIS:
+        pytest.skip("Redis not reachable")

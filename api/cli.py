@@ -1,0 +1,138 @@
+"""The `tokenmeter` command line. Settings come from the environment (see api/settings.py);
+--redis-url and --database-url override REDIS_URL and DATABASE_URL."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from api.runtime import Runtime
+from api.settings import Settings
+
+__all__ = ["main"]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in (("redis_url", args.redis_url), ("database_url", args.database_url))
+                 if v is not None}
+    return Settings(**overrides)
+
+
+async def _with_runtime(args: argparse.Namespace, fn):  # type: ignore[no-untyped-def]
+    rt = await Runtime.start(_settings(args))
+    try:
+        return await fn(rt)
+    finally:
+        await rt.close()
+
+
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    from persistence import migrate
+    from persistence.db import Database
+
+    db = Database(_settings(args).database_url)
+    try:
+        if args.downgrade:
+            await migrate.downgrade(db, args.downgrade)
+        else:
+            await migrate.upgrade(db, args.revision)
+        print(f"database at revision {await migrate.current_revision(db)}")
+    finally:
+        await db.close()
+    return 0
+
+
+async def cmd_flusher(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.embedded_redis:
+        print("tokenmeter flusher needs a real Redis: set REDIS_URL (the embedded Redis lives "
+              "inside the service process, whose in-process flusher drains it)", file=sys.stderr)
+        return 2
+
+    async def run(rt: Runtime) -> int:
+        flusher = rt.flusher(consumer=args.consumer or "")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"flusher {flusher.config.consumer}: {len(flusher.streams)} streams -> {rt.db.dialect}",
+              flush=True)
+        await flusher.run(stop)
+        return 0
+
+    return int(await _with_runtime(args, run))
+
+
+async def cmd_rehydrate(args: argparse.Namespace) -> int:
+    from persistence.rehydrate import rehydrate_all
+
+    async def run(rt: Runtime) -> int:
+        n = await rehydrate_all(rt.meter, rt.db)
+        print(f"rehydrated {n} accounts")
+        return 0
+
+    return int(await _with_runtime(args, run))
+
+
+async def cmd_reconcile(args: argparse.Namespace) -> int:
+    from persistence.reconcile import format_report, reconcile
+
+    async def run(rt: Runtime) -> int:
+        checks = await reconcile(rt.redis, rt.db, shards=rt.settings.shards, prefix=rt.settings.key_prefix)
+        print(format_report(checks, show_all=args.all))
+        return 0 if all(c.ok for c in checks) else 1
+
+    return int(await _with_runtime(args, run))
+
+
+async def cmd_balance(args: argparse.Namespace) -> int:
+    async def run(rt: Runtime) -> int:
+        print(json.dumps((await rt.meter.balance(args.account_id)).as_dict(), indent=2))
+        return 0
+
+    return int(await _with_runtime(args, run))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenmeter", description="Token meter and rate limiter.")
+    p.add_argument("--redis-url", help="overrides REDIS_URL")
+    p.add_argument("--database-url", help="overrides DATABASE_URL")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("migrate", help="upgrade the database schema (Alembic) to head")
+    m.add_argument("--revision", default="head")
+    m.add_argument("--downgrade", metavar="REV", help="downgrade to REV instead (e.g. base)")
+    m.set_defaults(fn=cmd_migrate)
+    f = sub.add_parser("flusher", help="move journal entries from Redis into the database until stopped")
+    f.add_argument("--consumer", help="consumer name (default: host-pid-random)")
+    f.set_defaults(fn=cmd_flusher)
+    r = sub.add_parser("rehydrate", help="load every account missing from Redis from the database")
+    r.set_defaults(fn=cmd_rehydrate)
+    c = sub.add_parser("reconcile", help="compare Redis balances with the ledger; exit 1 on drift")
+    c.add_argument("--all", action="store_true", help="list every account, not only drifting ones")
+    c.set_defaults(fn=cmd_reconcile)
+    b = sub.add_parser("balance", help="print an account's live balance")
+    b.add_argument("account_id")
+    b.set_defaults(fn=cmd_balance)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return int(asyncio.run(args.fn(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Wiring: build the meter, the Redis client, the database and the flusher from Settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from api.settings import Settings
+from meter import Catalog, Meter, default_catalog, load_catalog
+from persistence.db import Database
+from persistence.flusher import Flusher, FlusherConfig
+from persistence.ledger import LedgerWriter
+from persistence.rehydrate import SnapshotLoader
+
+__all__ = ["Runtime"]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    catalog: Catalog
+    meter: Meter
+    redis: Redis  # redis-py client on the meter's Redis (off the hot path)
+    db: Database
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Runtime:
+        catalog = load_catalog(settings.catalog) if settings.catalog else default_catalog()
+        db = Database(settings.database_url)
+        url = settings.redis_url or "fakeredis://"
+        meter = await Meter.connect(url, timeout_ms=settings.redis_timeout_ms, catalog=catalog,
+                                    shards=settings.shards, prefix=settings.key_prefix,
+                                    hold_ttl_ms=settings.hold_ttl_ms)
+        redis: Redis = meter.store.redis  # type: ignore[attr-defined]
+        meter.loader = SnapshotLoader(db, redis, catalog, shards=settings.shards, prefix=settings.key_prefix)
+        return cls(settings, catalog, meter, redis, db)
+
+    def flusher(self, consumer: str = "") -> Flusher:
+        s = self.settings
+        config = FlusherConfig(consumer=consumer, batch=s.flusher_batch, block_ms=s.flusher_block_ms,
+                               claim_idle_ms=s.flusher_claim_idle_ms, max_deliveries=s.flusher_max_deliveries)
+        return Flusher(self.redis, LedgerWriter(self.db, self.catalog), shards=s.shards,
+                       prefix=s.key_prefix, config=config)
+
+    async def close(self) -> None:
+        await self.meter.close()
+        await self.db.close()

@@ -1,0 +1,37 @@
+"""Settings from the environment (pydantic-settings). Built by the caller, never at import time."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment names are given in each field's alias."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENMETER_", extra="ignore", populate_by_name=True)
+
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "TOKENMETER_REDIS_URL"),
+        description="redis://host:port/db; unset = embedded in-process Redis (fakeredis with Lua)")
+    database_url: str = Field(
+        default="sqlite:///tokenmeter.sqlite3",
+        validation_alias=AliasChoices("DATABASE_URL", "TOKENMETER_DATABASE_URL"),
+        description="postgresql://... (asyncpg) or sqlite:///file (aiosqlite)")
+    catalog: str | None = Field(default=None, description="path of a catalog TOML file")
+    shards: int = Field(default=64, ge=1, le=16384, description="journal shards; fixed at deploy")
+    key_prefix: str = Field(default="tm", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    redis_timeout_ms: int = Field(default=250, ge=10, le=60_000)
+    hold_ttl_ms: int = Field(default=300_000, ge=1, le=86_400_000)
+    flusher: str = Field(default="inprocess", pattern="^(inprocess|external)$",
+                         description="inprocess: the service flushes; external: `tokenmeter flusher` does")
+    flusher_batch: int = Field(default=2_000, ge=1, le=100_000)
+    flusher_block_ms: int = Field(default=200, ge=1, le=60_000)
+    flusher_claim_idle_ms: int = Field(default=30_000, ge=100)
+    flusher_max_deliveries: int = Field(default=5, ge=1)
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url

@@ -1,0 +1,97 @@
+"""Rehydration: rebuild an account missing from Redis from the database snapshot, brought up to
+date with any newer entry still in the journal stream (entries carry the full state after them).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import select
+
+from meter import Catalog, JournalEntry, Meter
+from meter import keys as keyspace
+from persistence.db import Database
+from persistence.models import TokenBalance
+
+__all__ = ["Progress", "SnapshotLoader", "rehydrate_all"]
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal or forced)."""
+
+    def __init__(self, label: str, total: int, *, enabled: bool | None = None) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.enabled and (self.done == self.total or self.done % 100 == 0):
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                             f"{self.done}/{self.total}")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class SnapshotLoader:
+    """`Meter(loader=SnapshotLoader(...))`: an account's fields from the database and stream."""
+
+    def __init__(self, db: Database, redis: Redis, catalog: Catalog, *,
+                 shards: int = keyspace.DEFAULT_SHARDS, prefix: str = keyspace.PREFIX) -> None:
+        self.db, self.redis, self.catalog = db, redis, catalog
+        self.shards, self.prefix = shards, prefix
+
+    async def __call__(self, account_id: str) -> dict[str, str | int] | None:
+        async with self.db.sessions() as session:
+            snap = await session.get(TokenBalance, account_id)
+        newest = await self._newest_in_stream(account_id, snap.seq if snap else 0)
+        if newest is not None:
+            state: dict[str, Any] = {
+                "plan": newest.plan, "per": newest.period, "r": newest.rollover_after,
+                "m": newest.monthly_after, "b": newest.bonus_after, "p": newest.premium_after,
+                "h": newest.held_after, "used": newest.used_after, "treq": newest.requests_after,
+                "seq": newest.seq}
+        elif snap is not None:
+            state = {"plan": snap.plan, "per": snap.period, "r": snap.rollover_tokens,
+                     "m": snap.monthly_tokens, "b": snap.bonus_tokens, "p": snap.premium_tokens,
+                     "h": snap.reserved_tokens, "used": snap.used_tokens, "treq": snap.total_requests,
+                     "seq": snap.seq}
+        else:
+            return None
+        plan = self.catalog.plans.get(state["plan"]) or self.catalog.plan("free")
+        state.update(allow=plan.monthly_tokens, dcap=plan.daily_requests, rpm=plan.requests_per_minute,
+                     maxreq=plan.max_tokens_per_request, rpct=plan.rollover_pct,
+                     day=0, rq=0, ut=0, tat=0, created=0)
+        return state
+
+    async def _newest_in_stream(self, account_id: str, after_seq: int) -> JournalEntry | None:
+        stream = keyspace.journal_key(keyspace.shard_of(account_id, self.shards), self.prefix)
+        last = "+"
+        while True:
+            page = await self.redis.xrevrange(stream, max=last, min="-", count=1000)
+            for _, fields in page:
+                if fields.get("a") == account_id:
+                    entry = JournalEntry.from_fields(fields)
+                    return entry if entry.seq > after_seq else None
+            if len(page) < 1000:
+                return None
+            last = f"({page[-1][0]}"
+
+
+async def rehydrate_all(meter: Meter, db: Database, *, progress: Callable[[int], Progress] | None = None
+                        ) -> int:
+    """Load every account the database knows and Redis lacks; returns how many were loaded."""
+    async with db.sessions() as session:
+        ids = list((await session.execute(select(TokenBalance.account_id))).scalars())
+    bar = (progress or (lambda n: Progress("rehydrate", n)))(len(ids))
+    loaded = 0
+    for account_id in ids:
+        if await meter.rehydrate(account_id):
+            loaded += 1
+        bar.advance()
+    return loaded

@@ -1,0 +1,225 @@
+"""The flusher moves every journal entry into the database exactly once, whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+
+from meter import Meter
+from meter import keys as keyspace
+from persistence.flusher import Flusher, FlusherConfig
+from persistence.ledger import LedgerWriter
+from persistence.models import TokenBalance, TokenTransaction
+from persistence.reconcile import reconcile
+from tests.conftest import MeterFactory, journal_of
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.usefixtures("real_redis")]
+
+
+def make_flusher(meter: Meter, db: Any, **config: Any) -> Flusher:
+    return Flusher(meter.store.redis, LedgerWriter(db, meter.catalog), shards=meter.shards,  # type: ignore[attr-defined]
+                   prefix=meter.prefix, config=FlusherConfig(block_ms=10, **config))
+
+
+async def traffic(meter: Meter, accounts: int = 5) -> None:
+    for i in range(accounts):
+        await meter.open_account(f"acct-{i}")
+        await meter.credit(f"acct-{i}", 1_000, bucket="premium", kind="purchase", reference="order-1")
+    await asyncio.gather(*(meter.debit(f"acct-{k % accounts}", 10 + k % 7, agent="code", model="sonnet",
+                                       input_tokens=3, output_tokens=7 + k % 7)
+                           for k in range(min(300, 90 * accounts))))
+    h = await meter.reserve("acct-0", 500, agent="report", model="haiku")
+    assert h.hold_id
+    await meter.settle("acct-0", h.hold_id, 321, model="haiku")
+
+
+async def rows(db: Any) -> list[Any]:
+    async with db.sessions() as s:
+        return list((await s.execute(select(TokenTransaction).order_by(TokenTransaction.id))).scalars())
+
+
+async def test_every_entry_once_with_costs_and_snapshots(make_meter: MeterFactory, database: Any) -> None:
+    meter = await make_meter("redis")
+    await traffic(meter)
+    journal = [e for i in range(5) for e in await journal_of(meter, f"acct-{i}")]
+    flusher = make_flusher(meter, database)
+    n = await flusher.drain()
+    assert n == len(journal) == flusher.stats.flushed
+    assert await flusher.drain() == 0
+    stored = await rows(database)
+    assert sorted(r.transaction_id for r in stored) == sorted(e.transaction_id for e in journal)
+    usage = next(r for r in stored if r.transaction_type == "usage")
+    assert usage.agent_type == "code" and usage.model_used == "sonnet"
+    # sonnet: $3 per 1M input, $15 per 1M output; micro-dollars, rounded half up
+    assert usage.estimated_cost_usd_micros == (usage.input_tokens * 3_000_000
+                                               + usage.output_tokens * 15_000_000 + 500_000) // 1_000_000
+    assert usage.tokens_after == usage.tokens_before + usage.tokens_changed
+    settle = next(r for r in stored if r.transaction_type == "settle")
+    assert settle.estimated_cost_usd_micros == (321 * 1_250_000 + 500_000) // 1_000_000  # priced as output
+    welcome = next(r for r in stored if r.transaction_type == "allowance")
+    assert welcome.description.startswith("welcome") and welcome.tokens_changed == 10_000
+    async with database.sessions() as s:
+        for i in range(5):
+            snap = await s.get(TokenBalance, f"acct-{i}")
+            bal = await meter.balance(f"acct-{i}")
+            assert (snap.remaining_tokens, snap.reserved_tokens, snap.used_tokens, snap.premium_tokens) == (
+                bal.remaining_tokens, bal.reserved_tokens, bal.used_tokens, bal.premium_tokens)
+    checks = await reconcile(meter.store.redis, database, shards=meter.shards, prefix=meter.prefix)  # type: ignore[attr-defined]
+    assert len(checks) == 5 and all(c.ok for c in checks), checks
+    lag = await flusher.lag()
+    assert lag["pending"] == 0
+
+
+async def test_entries_of_a_dead_consumer_are_claimed(make_meter: MeterFactory, database: Any) -> None:
+    meter = await make_meter("redis")
+    await traffic(meter, accounts=2)
+    dead = make_flusher(meter, database, consumer="dead-one")
+    await dead.setup()
+    taken = await dead._read(">")  # delivered to a consumer that then "dies" before writing
+    assert taken
+    alive = make_flusher(meter, database, consumer="alive", claim_idle_ms=1, claim_every_s=0)
+    await asyncio.sleep(0.01)
+    await alive.drain()
+    assert alive.stats.flushed == len(taken)
+    pend = [await meter.store.redis.xpending(s, "tm-flusher") for s in alive.streams]  # type: ignore[attr-defined]
+    assert sum(p["pending"] for p in pend) == 0
+    # the dead consumer comes back and writes what it had: duplicates, nothing new
+    await dead._process(taken)
+    assert dead.stats.flushed == 0 and dead.stats.duplicates == len(taken)
+    async with database.sessions() as s:
+        count = (await s.execute(select(func.count()).select_from(TokenTransaction))).scalar_one()
+    assert count == len(taken)
+
+
+async def test_malformed_and_poison_entries_go_to_dead_letter(make_meter: MeterFactory,
+                                                              database: Any) -> None:
+    meter = await make_meter("redis")
+    redis = meter.store.redis  # type: ignore[attr-defined]
+    await meter.open_account("u1")
+    stream = keyspace.journal_key(keyspace.shard_of("u1", meter.shards), meter.prefix)
+    flusher = make_flusher(meter, database, consumer="f1", claim_idle_ms=1, claim_every_s=0,
+                           max_deliveries=2)
+    await flusher.setup()
+    bad_id = await redis.xadd(stream, {"t": "usage", "a": "u1"})  # no seq, no deltas
+    await flusher.drain()
+    dead = await redis.xrange(f"{meter.prefix}:deadletter")
+    assert [(d["id"], d["reason"].split(":")[0]) for _, d in dead] == [(bad_id, "malformed entry")]
+    assert json.loads(dead[0][1]["fields"]) == {"t": "usage", "a": "u1"}
+    assert flusher.stats.flushed == 1  # the welcome entry
+    # an entry that keeps getting delivered without being acked is poison after max_deliveries
+    await meter.debit("u1", 5)
+    taken = await make_flusher(meter, database, consumer="c1")._read(">")  # delivery 1, then c1 dies
+    for name in ("c2", "c3"):  # taken over twice more by consumers that die too
+        await redis.xclaim(stream, "tm-flusher", name, min_idle_time=0, message_ids=[taken[0][1]])
+    await asyncio.sleep(0.005)
+    await flusher.drain()
+    assert (await redis.xpending(stream, "tm-flusher"))["pending"] == 0
+    dead = await redis.xrange(f"{meter.prefix}:deadletter")
+    assert [d["reason"] for _, d in dead] == [dead[0][1]["reason"], "delivered more than 2 times"]
+    assert json.loads(dead[1][1]["fields"])["t"] == "usage"
+    assert flusher.stats.dead_letters == 2
+
+
+async def test_trim_keeps_unacknowledged_entries(make_meter: MeterFactory, database: Any) -> None:
+    meter = await make_meter("redis")
+    redis = meter.store.redis  # type: ignore[attr-defined]
+    await traffic(meter, accounts=1)
+    stream = keyspace.journal_key(keyspace.shard_of("acct-0", meter.shards), meter.prefix)
+    flusher = make_flusher(meter, database)
+    await flusher.drain()
+    await flusher.trim()
+    assert await redis.xlen(stream) <= 1
+    await meter.debit("acct-0", 5)
+    await meter.debit("acct-0", 6)
+    reader = make_flusher(meter, database, consumer="slow")
+    held = await reader._read(">")  # delivered, not acked
+    assert len(held) == 2
+    await flusher.trim()
+    assert {eid for _, eid, _ in held} <= {eid for eid, _ in await redis.xrange(stream)}
+
+
+class Gate:
+    """A TCP proxy on loopback in front of Postgres that can refuse connections (an outage)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.open = True
+        self.conns: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.close()
+            return
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.conns += [writer, up_w]
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    def cut(self) -> None:
+        self.open = False
+        for w in self.conns:
+            w.close()
+        self.conns.clear()
+
+    async def stop(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+async def test_database_outage_hot_path_keeps_working_nothing_lost(make_meter: MeterFactory,
+                                                                  pg_database: str) -> None:
+    from persistence.db import Database
+
+    gate = Gate(5432)
+    port = await gate.start()
+    db = Database(pg_database.replace("127.0.0.1:5432", f"127.0.0.1:{port}"), pool_size=2)
+    direct = Database(pg_database)
+    try:
+        async with direct.engine.begin() as conn:
+            await conn.execute(text("TRUNCATE token_transactions, token_balances"))
+        meter = await make_meter("redis")
+        flusher = make_flusher(meter, db, backoff_max_s=0.1)
+        stop = asyncio.Event()
+        for i in range(3):
+            await meter.open_account(f"o{i}")
+        task = asyncio.create_task(flusher.run(stop))
+        await asyncio.sleep(0.3)
+        gate.cut()  # Postgres "goes away"
+        decisions = [await meter.debit(f"o{k % 3}", 7) for k in range(150)]
+        assert all(d.allowed for d in decisions)  # the hot path never touches the database
+        await asyncio.sleep(0.5)
+        assert flusher.stats.db_retries > 0
+        gate.open = True  # back
+        for _ in range(100):
+            if (await flusher.lag())["pending"] == 0 and flusher.stats.flushed >= 153:
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task
+        async with direct.sessions() as s:
+            count = (await s.execute(select(func.count()).select_from(TokenTransaction))).scalar_one()
+        assert count == 153
+        checks = await reconcile(meter.store.redis, direct, shards=meter.shards, prefix=meter.prefix)  # type: ignore[attr-defined]
+        assert all(c.ok for c in checks)
+    finally:
+        await gate.stop()
+        await db.close()
+        await direct.close()
