@@ -1,0 +1,129 @@
+"""Rehydration after lost Redis keys, reconcile's drift report, and the migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from meter import keys as keyspace
+from persistence import migrate
+from persistence.db import Database
+from persistence.models import Base
+from persistence.reconcile import format_report, reconcile
+from persistence.rehydrate import SnapshotLoader, rehydrate_all
+from tests.conftest import MeterFactory, journal_of
+from tests.persistence.test_flusher import make_flusher
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.usefixtures("real_redis")]
+
+
+async def drop_account_keys(meter: Any, account_id: str) -> None:
+    k = keyspace.account_keys(account_id, shards=meter.shards, prefix=meter.prefix)
+    await meter.store.redis.delete(k.account, k.holds, k.hold_expiry)
+
+
+@pytest.mark.parametrize("unflushed", [0, 3], ids=["all-flushed", "3-unflushed"])
+async def test_lost_account_keys_rehydrate_on_next_debit(make_meter: MeterFactory, database: Any,
+                                                         unflushed: int) -> None:
+    meter = await make_meter("redis")
+    meter.loader = SnapshotLoader(database, meter.store.redis, meter.catalog,  # type: ignore[attr-defined]
+                                  shards=meter.shards, prefix=meter.prefix)
+    await meter.open_account("u1")
+    await meter.credit("u1", 2_000, bucket="premium", kind="purchase")
+    for _ in range(5):
+        await meter.debit("u1", 1_000)
+    await make_flusher(meter, database).drain()
+    for _ in range(unflushed):  # still only in the stream when the keys vanish
+        await meter.debit("u1", 100)
+    before = await meter.balance("u1")
+    await drop_account_keys(meter, "u1")
+    d = await meter.debit("u1", 500)
+    assert d.allowed and d.remaining == before.remaining_tokens - 500
+    assert d.transaction_id == f"u1:{8 + unflushed}"  # the sequence continues: no id reused
+    after = await meter.balance("u1")
+    assert (after.premium_tokens, after.used_tokens) == (before.premium_tokens, before.used_tokens + 500)
+    await make_flusher(meter, database).drain()
+    checks = await reconcile(meter.store.redis, database, shards=meter.shards, prefix=meter.prefix)  # type: ignore[attr-defined]
+    assert [c.status for c in checks] == ["ok"]
+
+
+async def test_held_tokens_come_back_as_bonus_after_rehydration(make_meter: MeterFactory,
+                                                                database: Any) -> None:
+    meter = await make_meter("redis")
+    meter.loader = SnapshotLoader(database, meter.store.redis, meter.catalog,  # type: ignore[attr-defined]
+                                  shards=meter.shards, prefix=meter.prefix)
+    await meter.open_account("u1")
+    hold = await meter.reserve("u1", 3_000)
+    assert hold.hold_id
+    await make_flusher(meter, database).drain()
+    await drop_account_keys(meter, "u1")
+    assert await rehydrate_all(meter, database) == 1
+    bal = await meter.balance("u1")
+    assert (bal.remaining_tokens, bal.reserved_tokens, bal.bonus_tokens) == (10_000, 0, 3_000)
+    assert (await journal_of(meter, "u1"))[-1].note.startswith("hold lost")
+    assert await rehydrate_all(meter, database) == 0  # present now: nothing to do
+
+
+async def test_reconcile_reports_drift_and_missing_accounts(make_meter: MeterFactory, database: Any) -> None:
+    meter = await make_meter("redis")
+    redis = meter.store.redis  # type: ignore[attr-defined]
+    for a in ("a1", "a2", "a3"):
+        await meter.open_account(a)
+        await meter.debit(a, 10)
+    await make_flusher(meter, database).drain()
+    await meter.debit("a1", 5)  # unflushed: still counted from the stream
+    await redis.hincrby(keyspace.account_keys("a2", prefix=meter.prefix).account, "p", 7)  # drift
+    await drop_account_keys(meter, "a3")
+    checks = {c.account_id: c for c in await reconcile(redis, database, prefix=meter.prefix)}
+    assert checks["a1"].ok and checks["a1"].unflushed == 1
+    assert (checks["a2"].status, checks["a2"].drift) == ("drift", 7)
+    assert checks["a3"].status.startswith("missing")
+    report = format_report(list(checks.values()))
+    assert "a2" in report and "a1 " not in report and "3 accounts checked, 2 with drift" in report
+
+
+async def test_reconcile_command_exits_nonzero_on_drift(make_meter: MeterFactory, pg_database: str) -> None:
+    meter = await make_meter("redis")
+    db = Database(pg_database)
+    try:
+        async with db.engine.begin() as conn:
+            await conn.execute(text("TRUNCATE token_transactions, token_balances"))
+        await meter.open_account("cli-1")
+        await make_flusher(meter, db).drain()
+        env = {**os.environ, "DATABASE_URL": pg_database, "REDIS_URL": "redis://127.0.0.1:6379/0",
+               "TOKENMETER_KEY_PREFIX": meter.prefix}
+        cmd = [sys.executable, "-m", "api.cli", "reconcile"]
+        ok = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        await meter.store.redis.hincrby(keyspace.account_keys("cli-1", prefix=meter.prefix).account, "b", 1)  # type: ignore[attr-defined]
+        bad = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True)
+        assert bad.returncode == 1 and "cli-1" in bad.stdout and "drift" in bad.stdout
+    finally:
+        await db.close()
+
+
+async def test_migrations_up_down_up_and_match_the_models(database: Any) -> None:
+    def diff(connection: Any) -> list[Any]:
+        return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+
+    def tables(connection: Any) -> set[str]:
+        return set(inspect(connection).get_table_names())
+
+    async with database.engine.connect() as conn:
+        assert await conn.run_sync(diff) == []
+    await migrate.downgrade(database)
+    async with database.engine.connect() as conn:
+        assert await conn.run_sync(tables) <= {"alembic_version"}
+    await migrate.upgrade(database)
+    async with database.engine.connect() as conn:
+        present = await conn.run_sync(tables)
+    assert {"accounts", "token_transactions", "token_balances", "promo_codes"} <= present
+    assert await migrate.current_revision(database) == "0001"
