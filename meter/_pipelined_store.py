@@ -134,13 +134,15 @@ class PipelinedRedisStore:
     """
 
     def __init__(self, url: str, registry: ScriptRegistry | None = None, *, timeout_ms: int = 250,
-                 connect_timeout_ms: int = 100, max_connections: int = 16) -> None:
+                 connect_timeout_ms: int = 100, side_timeout_ms: int = 10_000,
+                 max_connections: int = 16) -> None:
         self.url = url
         self.registry = registry or ScriptRegistry()
         self.timeout = timeout_ms / 1000
         self.connect_timeout = connect_timeout_ms / 1000
         self.options = parse_url(url)
-        self.redis = Redis.from_url(url, decode_responses=True, socket_timeout=self.timeout,
+        # Off the hot path (flusher, tools, script loading): long reads and blocking commands.
+        self.redis = Redis.from_url(url, decode_responses=True, socket_timeout=side_timeout_ms / 1000,
                                     socket_connect_timeout=self.connect_timeout,
                                     retry=Retry(NoBackoff(), 0), max_connections=max_connections)
         self._conn: _Connection | None = None

@@ -28,10 +28,16 @@ from typing import Any
 from redis import exceptions as rexc
 from redis.asyncio import Redis
 
-from meter import JournalEntry
 from meter import keys as keyspace
 from persistence import metrics
-from persistence.ledger import DatabaseUnavailable, LedgerWriter, WriteResult
+from persistence.ledger import (
+    DatabaseUnavailable,
+    LedgerWriter,
+    Prepared,
+    RowsRejected,
+    WriteResult,
+    prepare,
+)
 
 __all__ = ["Flusher", "FlusherConfig", "FlusherStats", "dead_letter_key"]
 
@@ -87,6 +93,7 @@ class Flusher:
         self._last_claim = 0.0
         self._last_trim = 0.0
         self._stop = asyncio.Event()
+        self._prefetch: asyncio.Future[list[Entry]] | None = None
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -113,12 +120,23 @@ class Flusher:
                 await self.step()
                 delay = 0.05
             except DatabaseUnavailable:
-                return  # only raised once stop is set
+                break  # only raised once stop is set
             except _REDIS_DOWN as exc:
                 log.warning("redis unavailable, retrying in %.2fs: %s", delay, exc)
                 await _sleep_or_stop(stop, delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
                 self._ready = False
+        await self._finish()
+
+    async def _finish(self) -> None:
+        """Write what a read-ahead already took (else it waits, pending, for a restart or a claim)."""
+        if self._prefetch is None:
+            return
+        prefetch, self._prefetch = self._prefetch, None
+        try:
+            await self._process(await prefetch)
+        except (DatabaseUnavailable, *_REDIS_DOWN) as exc:
+            log.warning("stopping with read entries unwritten (they stay pending): %s", exc)
 
     async def step(self) -> int:
         """One round: own pending (after a restart), claims, a new batch, maybe a trim."""
@@ -130,7 +148,15 @@ class Flusher:
         if now - self._last_claim >= self.config.claim_every_s:
             self._last_claim = now
             done += await self._claim()
-        done += await self._process(await self._read(">", block=self.config.block_ms))
+        if self._prefetch is None:
+            self._prefetch = asyncio.ensure_future(self._read(">", block=self.config.block_ms))
+        try:
+            entries = await self._prefetch
+        finally:
+            self._prefetch = None
+        if entries:  # a backlog: read the next batch while this one is written
+            self._prefetch = asyncio.ensure_future(self._read(">", block=self.config.block_ms))
+        done += await self._process(entries)
         if time.monotonic() - self._last_trim >= self.config.trim_every_s:
             self._last_trim = time.monotonic()
             await self.trim()
@@ -145,6 +171,7 @@ class Flusher:
             n = await self.step()
             total += n
             idle = idle + 1 if n == 0 else 0
+        assert self._prefetch is None  # an idle round reads ahead nothing
         return total
 
     # -- reading ---------------------------------------------------------------------------------
@@ -152,7 +179,7 @@ class Flusher:
     async def _read(self, start: str, block: int | None = None) -> list[Entry]:
         reply = await self.redis.xreadgroup(
             self.config.group, self.config.consumer, dict.fromkeys(self.streams, start),
-            count=self.config.batch, block=block)
+            count=max(1, self.config.batch // 8), block=block)
         out: list[Entry] = []
         for stream, entries in reply or []:
             out += [(stream, eid, fields) for eid, fields in entries if fields is not None]
@@ -189,50 +216,63 @@ class Flusher:
     # -- writing ---------------------------------------------------------------------------------
 
     async def _process(self, entries: list[Entry]) -> int:
-        if not entries:
-            return 0
+        """Write entries in batches, preparing batch n+1 while batch n is in the database."""
         done = 0
+        inflight: asyncio.Task[int] | None = None
         for i in range(0, len(entries), self.config.batch):
-            done += await self._write_batch(entries[i:i + self.config.batch])
+            batch = await self._prepare(entries[i:i + self.config.batch])
+            if inflight is not None:
+                done += await inflight
+            inflight = asyncio.ensure_future(self._write_batch(*batch))
+        if inflight is not None:
+            done += await inflight
         return done
 
-    async def _write_batch(self, entries: Sequence[Entry]) -> int:
-        parsed: list[tuple[JournalEntry, str]] = []
+    async def _prepare(self, entries: Sequence[Entry]) -> tuple[list[Entry], list[Prepared]]:
+        """Rows of the well-formed entries; malformed ones go to the dead-letter stream. Yields to
+        the event loop every few hundred rows so a batch in flight keeps talking to the database."""
+        prepared: list[Prepared] = []
         good: list[Entry] = []
-        for e in entries:
+        for n, e in enumerate(entries, 1):
             try:
-                parsed.append((JournalEntry.from_fields(e[2]), e[1]))
+                prepared.append(prepare(e[2], e[1], self.writer.catalog))
                 good.append(e)
             except (KeyError, ValueError) as exc:
                 await self._dead_letter([e], f"malformed entry: {exc!r}")
-        if not parsed:
+            if n % 250 == 0:
+                await asyncio.sleep(0)
+        return good, prepared
+
+    async def _write_batch(self, good: list[Entry], prepared: list[Prepared]) -> int:
+        if not prepared:
             return 0
         try:
-            result = await self._write(parsed)
-        except Exception as exc:  # the database rejected something: isolate it, keep the rest
+            result = await self._write(prepared)
+        except RowsRejected as exc:  # the database refused some row: isolate it, keep the rest
             if len(good) == 1:
                 await self._dead_letter(good, f"database rejected the entry: {exc!r}")
                 return 0
             log.warning("batch rejected (%r); writing its %d entries one by one", exc, len(good))
-            return sum([await self._write_batch([e]) for e in good])
+            return sum([await self._write_batch([e], [p]) for e, p in zip(good, prepared, strict=True)])
         forks = set(result.forks)
         if forks:
-            await self._dead_letter([e for e, (p, _) in zip(good, parsed, strict=True)
-                                     if p.transaction_id in forks],
+            forked = [e for e, (row, _) in zip(good, prepared, strict=True) if row[0] in forks]
+            await self._dead_letter(forked,
                                     "transaction id already stored from another stream entry "
                                     "(Redis lost acknowledged data)")
             self.stats.forks += sorted(forks)
             metrics.FORKS.inc(len(forks))
-        await self._ack([e for e, (p, _) in zip(good, parsed, strict=True) if p.transaction_id not in forks])
+            good = [e for e, (row, _) in zip(good, prepared, strict=True) if row[0] not in forks]
+        await self._ack(good)
         self.stats.flushed += result.inserted
         self.stats.duplicates += result.duplicates
         self.stats.batches += 1
         metrics.FLUSHED.inc(result.inserted)
         metrics.DUPLICATES.inc(result.duplicates)
-        metrics.BATCH_SIZE.observe(len(parsed))
-        return len(parsed)
+        metrics.BATCH_SIZE.observe(len(prepared))
+        return len(prepared)
 
-    async def _write(self, parsed: list[tuple[JournalEntry, str]]) -> WriteResult:
+    async def _write(self, parsed: list[Prepared]) -> WriteResult:
         """Write one batch, retrying with backoff while the database is unreachable."""
         delay = 0.05
         while True:

@@ -1,9 +1,11 @@
 """Writing journal entries into the ledger tables, idempotently, in one transaction per batch.
 
-Postgres: COPY into a temporary staging table, then INSERT ... SELECT ... ON CONFLICT
-(transaction_id) DO NOTHING. SQLite: executemany INSERT ... ON CONFLICT DO NOTHING. In the same
-transaction, each account's `token_balances` snapshot moves to its newest entry's state (the
-newest `seq` wins, so batches may commit in any order and replays change nothing).
+Postgres: COPY straight into the table under a savepoint (the common case: a new batch); if
+any row is already stored, the savepoint is rolled back and the batch is COPYed into a
+temporary staging table, then INSERT ... SELECT ... ON CONFLICT (transaction_id) DO NOTHING.
+SQLite: executemany INSERT ... ON CONFLICT DO NOTHING. In the same transaction each account's
+`token_balances` snapshot moves to its newest entry's state (the newest `seq` wins, so batches
+may commit in any order and replays change nothing).
 """
 
 from __future__ import annotations
@@ -13,16 +15,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 
-from meter import Catalog, JournalEntry
+from meter import Catalog
 from persistence.db import Database
 from persistence.models import TokenBalance, TokenTransaction
 
-__all__ = ["TX_COLUMNS", "DatabaseUnavailable", "LedgerWriter", "Row", "WriteResult", "entry_row"]
+__all__ = [
+    "TX_COLUMNS",
+    "DatabaseUnavailable",
+    "LedgerWriter",
+    "Prepared",
+    "Row",
+    "RowsRejected",
+    "WriteResult",
+    "prepare",
+]
 
 TX_COLUMNS = (
     "transaction_id", "account_id", "seq", "stream_id", "transaction_type", "tokens_before",
@@ -40,6 +52,10 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached; the batch was not written and may be retried."""
 
 
+class RowsRejected(Exception):
+    """The database refused the data (a constraint or value error); nothing was written."""
+
+
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     inserted: int
@@ -47,43 +63,53 @@ class WriteResult:
     forks: list[str]  # transaction ids already stored from another stream entry
 
 
-def entry_row(entry: JournalEntry, stream_id: str, catalog: Catalog) -> Row:
-    """The token_transactions row of one journal entry; costs priced from the catalog now."""
-    available_delta = entry.rollover + entry.monthly + entry.bonus + entry.premium
+Prepared = tuple[Row, str]  # (token_transactions row, the entry's state field "st")
+
+
+def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepared:
+    """The row of one raw stream entry (KeyError/ValueError when malformed); costs priced now.
+
+    Works on the raw fields rather than a JournalEntry: this is the flusher's inner loop.
+    """
+    dr, dm, db, dp, dh = (int(x) for x in fields["bk"].split(":"))
+    state = fields["st"]
+    if state.count(":") != 8:
+        raise ValueError(f"bad state field {state!r}")
+    kind, delta, after = fields["t"], int(fields["d"]), int(fields["av"])
+    moved = dr + dm + db + dp
+    inp = int(fields["in"]) if "in" in fields else None
+    out = int(fields["ou"]) if "ou" in fields else None
+    model = fields.get("mo")
     usd = inr = 0
-    if entry.kind in USAGE_KINDS and entry.model:
-        used = -entry.delta
-        if entry.input_tokens is None and entry.output_tokens is None:
-            inp, out = 0, used  # no split given: priced as output, the conservative estimate
+    if kind in USAGE_KINDS and model:
+        if inp is None and out is None:  # no split given: priced as output, the conservative estimate
+            usd = catalog.cost_usd_micros(model, 0, -delta)
         else:
-            inp, out = entry.input_tokens or 0, entry.output_tokens or 0
-        usd = catalog.cost_usd_micros(entry.model, inp, out)
+            usd = catalog.cost_usd_micros(model, inp or 0, out or 0)
         inr = catalog.usd_micros_to_inr_paise(usd)
-    return (
-        entry.transaction_id, entry.account_id, entry.seq, stream_id, entry.kind,
-        entry.available_before, available_delta, entry.available_after, entry.held, entry.held_after,
-        entry.rollover, entry.monthly, entry.bonus, entry.premium,
-        entry.agent or None, entry.model or None, entry.input_tokens, entry.output_tokens, usd, inr,
-        entry.request_id or None, entry.project_id or None, entry.hold_id or None,
-        entry.note or None, entry.reference or None,
-        datetime.fromtimestamp(entry.ts_ms / 1000, tz=UTC),
-    )
+    account, seq = fields["a"], int(fields["q"])
+    row = (f"{account}:{seq}", account, seq, stream_id, kind, after - moved, moved, after, dh,
+           int(fields["hd"]), dr, dm, db, dp, fields.get("ag"), model, inp, out, usd, inr,
+           fields.get("rq"), fields.get("pj"), fields.get("hl"), fields.get("nt"), fields.get("rf"),
+           datetime.fromtimestamp(int(fields["ts"]) / 1000, tz=UTC))
+    return row, state
 
 
-def _snapshots(entries: Sequence[JournalEntry]) -> list[dict[str, Any]]:
-    newest: dict[str, JournalEntry] = {}
-    for e in entries:
-        if e.account_id not in newest or newest[e.account_id].seq < e.seq:
-            newest[e.account_id] = e
+def _snapshots(batch: Sequence[Prepared]) -> list[dict[str, Any]]:
+    newest: dict[str, Prepared] = {}
+    for p in batch:
+        account, seq = p[0][1], p[0][2]
+        if account not in newest or newest[account][0][2] < seq:
+            newest[account] = p
     now = datetime.now(UTC)
-    return [  # sorted by account: concurrent flushers lock rows in the same order (no deadlock)
-        {"account_id": e.account_id, "plan": e.plan, "period": e.period,
-         "rollover_tokens": e.rollover_after, "monthly_tokens": e.monthly_after,
-         "bonus_tokens": e.bonus_after, "premium_tokens": e.premium_after,
-         "reserved_tokens": e.held_after, "remaining_tokens": e.available_after,
-         "used_tokens": e.used_after, "total_requests": e.requests_after, "seq": e.seq, "updated_at": now}
-        for _, e in sorted(newest.items())
-    ]
+    snaps = []
+    for account, (row, state) in sorted(newest.items()):  # sorted: concurrent flushers lock alike
+        plan, per, r, m, b, p_, h, used, treq = state.split(":")
+        snaps.append({"account_id": account, "plan": plan, "period": int(per), "rollover_tokens": int(r),
+                      "monthly_tokens": int(m), "bonus_tokens": int(b), "premium_tokens": int(p_),
+                      "reserved_tokens": int(h), "remaining_tokens": row[7], "used_tokens": int(used),
+                      "total_requests": int(treq), "seq": row[2], "updated_at": now})
+    return snaps
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -100,12 +126,12 @@ class LedgerWriter:
         self.catalog = catalog
         self.use_copy = use_copy and db.is_postgres
 
-    async def write(self, batch: Sequence[tuple[JournalEntry, str]]) -> WriteResult:
+    async def write(self, batch: Sequence[Prepared]) -> WriteResult:
         """One transaction; raises DatabaseUnavailable when the database cannot be reached."""
         if not batch:
             return WriteResult(0, 0, [])
-        rows = [entry_row(e, sid, self.catalog) for e, sid in batch]
-        snaps = _snapshots([e for e, _ in batch])
+        rows = [row for row, _ in batch]
+        snaps = _snapshots(batch)
         try:
             if self.use_copy:
                 return await self._write_copy(rows, snaps)
@@ -113,6 +139,9 @@ class LedgerWriter:
         except Exception as exc:
             if _unavailable(exc):
                 raise DatabaseUnavailable(str(exc)) from exc
+            if isinstance(exc, DataError | IntegrityError | asyncpg.DataError
+                          | asyncpg.IntegrityConstraintViolationError):
+                raise RowsRejected(str(exc)) from exc
             raise
 
     def _upsert_snapshots(self) -> Any:
@@ -152,26 +181,38 @@ class LedgerWriter:
         async with self.db.engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection
             async with raw.transaction():  # one asyncpg transaction for everything below
-                await raw.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS tm_stage AS "
-                    f"SELECT {cols} FROM token_transactions WITH NO DATA")
-                await raw.execute("TRUNCATE tm_stage")
-                await raw.copy_records_to_table("tm_stage", records=rows, columns=list(TX_COLUMNS))
-                inserted = await raw.fetch(
-                    f"INSERT INTO token_transactions ({cols}) SELECT {cols} FROM tm_stage "
-                    "ON CONFLICT (transaction_id) DO NOTHING RETURNING transaction_id")
+                await raw.execute(  # temp tables live as long as the connection
+                    f"CREATE TEMP TABLE IF NOT EXISTS tm_stage AS SELECT {cols} FROM token_transactions "
+                    "WITH NO DATA; CREATE TEMP TABLE IF NOT EXISTS tm_snap_stage AS SELECT "
+                    f"{', '.join(snap_cols)} FROM token_balances WITH NO DATA; "
+                    "TRUNCATE tm_stage, tm_snap_stage")
                 forks: list[str] = []
-                if len(inserted) < len(rows):
-                    forks = [r[0] for r in await raw.fetch(
-                        "SELECT s.transaction_id FROM tm_stage s JOIN token_transactions t "
-                        "USING (transaction_id) WHERE t.stream_id <> s.stream_id")]
-                placeholders = ", ".join(f"${i + 1}" for i in range(len(snap_cols)))
-                await raw.executemany(
-                    f"INSERT INTO token_balances ({', '.join(snap_cols)}) VALUES ({placeholders}) "
-                    f"ON CONFLICT (account_id) DO UPDATE SET {updates} "
-                    "WHERE token_balances.seq < EXCLUDED.seq",
-                    [tuple(s[c] for c in snap_cols) for s in snaps])
-        return WriteResult(len(inserted), len(rows) - len(inserted), forks)
+                try:
+                    # Optimistic: almost every batch is new, so COPY straight into the table
+                    # (half the database work of staging). Any already-stored row makes the
+                    # COPY fail as a whole; then the savepoint is rolled back and the batch goes
+                    # through the staging table with ON CONFLICT DO NOTHING.
+                    async with raw.transaction():
+                        await raw.copy_records_to_table("token_transactions", records=rows,
+                                                        columns=list(TX_COLUMNS))
+                    inserted = len(rows)
+                except asyncpg.UniqueViolationError:
+                    await raw.copy_records_to_table("tm_stage", records=rows, columns=list(TX_COLUMNS))
+                    status = await raw.execute(
+                        f"INSERT INTO token_transactions ({cols}) SELECT {cols} FROM tm_stage "
+                        "ON CONFLICT (transaction_id) DO NOTHING")
+                    inserted = int(status.rsplit(" ", 1)[1])
+                    if inserted < len(rows):
+                        forks = [r[0] for r in await raw.fetch(
+                            "SELECT s.transaction_id FROM tm_stage s JOIN token_transactions t "
+                            "USING (transaction_id) WHERE t.stream_id <> s.stream_id")]
+                await raw.copy_records_to_table("tm_snap_stage", columns=snap_cols,
+                                                records=[tuple(s[c] for c in snap_cols) for s in snaps])
+                await raw.execute(
+                    f"INSERT INTO token_balances ({', '.join(snap_cols)}) SELECT {', '.join(snap_cols)} "
+                    f"FROM tm_snap_stage ON CONFLICT (account_id) DO UPDATE SET {updates} "
+                    "WHERE token_balances.seq < EXCLUDED.seq")
+        return WriteResult(inserted, len(rows) - inserted, forks)
 
     async def ping(self) -> None:
         async with self.db.engine.connect() as conn:

@@ -18,7 +18,8 @@ from persistence.models import TokenTransaction
 from persistence.reconcile import reconcile
 from tests.conftest import MeterFactory
 
-pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow, pytest.mark.usefixtures("real_redis")]
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow,
+              pytest.mark.usefixtures("real_redis")]
 
 DEBITS = 100_000
 ACCOUNTS = 50
