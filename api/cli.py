@@ -97,6 +97,70 @@ async def cmd_balance(args: argparse.Namespace) -> int:
     return int(await _with_runtime(args, run))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import secrets
+
+    import uvicorn
+
+    settings = _settings(args)
+    for name, value in (("REDIS_URL", args.redis_url), ("DATABASE_URL", args.database_url)):
+        if value is not None:
+            os.environ[name] = value
+    if args.workers > 1 and settings.embedded_redis:
+        print("--workers > 1 needs a real Redis shared by the workers: set REDIS_URL "
+              "(the embedded Redis lives inside one process)", file=sys.stderr)
+        return 2
+    if not settings.master_key:
+        os.environ["TOKENMETER_MASTER_KEY"] = secrets.token_urlsafe(24)
+        key_note = (f"dev master key (this run only; set TOKENMETER_MASTER_KEY to fix one): "
+                    f"{os.environ['TOKENMETER_MASTER_KEY']}")
+    else:
+        key_note = "master key: from TOKENMETER_MASTER_KEY"
+    redis = settings.redis_url or "embedded in-process Redis (fakeredis with Lua; data lives in this process)"
+    print(f"tokenmeter listening on http://{args.host}:{args.port}  (docs: http://{args.host}:{args.port}/docs)")
+    print(f"  redis:    {redis}")
+    print(f"  database: {settings.database_url}")
+    print(f"  flusher:  {settings.flusher}")
+    print(f"  {key_note}")
+    print("  service keys: tokenmeter apikey create --name my-gateway --scopes meter  "
+          "(or POST /api/v1/admin/api-keys with the master key)", flush=True)
+    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                loop="uvloop", http="httptools", log_level="warning" if not args.verbose else "info")
+    return 0
+
+
+async def cmd_apikey(args: argparse.Namespace) -> int:
+    from api.security import hash_api_key, new_api_key
+    from persistence import migrate
+    from persistence.db import Database
+    from persistence.models import ApiKey, utcnow
+
+    db = Database(_settings(args).database_url)
+    try:
+        await migrate.upgrade(db)
+        async with db.sessions() as session, session.begin():
+            if args.action == "create":
+                scopes = sorted({s.strip() for s in args.scopes.split(",") if s.strip()})
+                if not scopes or not set(scopes) <= {"meter", "admin"}:
+                    print("--scopes: a comma-separated list of meter, admin", file=sys.stderr)
+                    return 2
+                key_id, key = new_api_key()
+                session.add(ApiKey(id=key_id, name=args.name, key_hash=hash_api_key(key),
+                                   scopes=",".join(scopes), created_by="cli"))
+                print(f"id: {key_id}\nscopes: {','.join(scopes)}\nkey (shown once, stored hashed): {key}")
+            else:
+                row = await session.get(ApiKey, args.key_id)
+                if row is None:
+                    print(f"no API key {args.key_id}", file=sys.stderr)
+                    return 1
+                row.revoked_at = utcnow()
+                print(f"revoked {args.key_id}")
+    finally:
+        await db.close()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenmeter", description="Token meter and rate limiter.")
     p.add_argument("--redis-url", help="overrides REDIS_URL")
@@ -115,6 +179,19 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("reconcile", help="compare Redis balances with the ledger; exit 1 on drift")
     c.add_argument("--all", action="store_true", help="list every account, not only drifting ones")
     c.set_defaults(fn=cmd_reconcile)
+    s = sub.add_parser("serve", help="run the HTTP service (embedded Redis and SQLite unless configured)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(fn=cmd_serve, sync=True)
+    k = sub.add_parser("apikey", help="create or revoke a service API key")
+    ksub = k.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create")
+    kc.add_argument("--name", required=True)
+    kc.add_argument("--scopes", default="meter", help="comma-separated: meter, admin")
+    kr = ksub.add_parser("revoke")
+    kr.add_argument("key_id")
+    k.set_defaults(fn=cmd_apikey)
     b = sub.add_parser("balance", help="print an account's live balance")
     b.add_argument("account_id")
     b.set_defaults(fn=cmd_balance)
@@ -125,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "sync", False):
+        return int(args.fn(args))
     try:
         import uvloop
 

@@ -32,6 +32,16 @@ class Settings(BaseSettings):
     flusher_claim_idle_ms: int = Field(default=30_000, ge=100)
     flusher_max_deliveries: int = Field(default=5, ge=1)
 
+    jwt_secret: str | None = Field(
+        default=None, description="HS256 secret for user tokens; unset = random per start (dev only)")
+    jwt_ttl_s: int = Field(default=86_400, ge=60)
+    master_key: str | None = Field(
+        default=None, description="bootstrap service key with meter+admin scopes (TOKENMETER_MASTER_KEY)")
+    api_key_cache_s: float = Field(default=5.0, ge=0, le=300,
+                                   description="verified API keys are cached this long; revocation lag")
+    middleware_fail_open: bool = Field(default=False, description="plain rate limiting only, never billing")
+    migrate_on_start: bool = True
+
     @property
     def embedded_redis(self) -> bool:
         return not self.redis_url

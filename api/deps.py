@@ -1,0 +1,77 @@
+"""Request dependencies: who is calling (user token or service key) and what they may do."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Depends, Header, HTTPException, Request
+from sqlalchemy import select
+
+from api.security import Principal, hash_api_key, read_token
+from api.state import AppState, app_state
+from persistence.models import ApiKey
+
+__all__ = ["current_user", "require_scope", "service_principal"]
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return None
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(401, detail={"error": "unauthorized", "message": detail},
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
+async def current_user(request: Request, authorization: str | None = Header(default=None),
+                       state: AppState = Depends(app_state)) -> str:
+    """The account id of the user token (JWT) in `Authorization: Bearer ...`."""
+    token = _bearer(authorization)
+    if not token:
+        raise _unauthorized("missing bearer token")
+    account_id = read_token(state.jwt_secret, token)
+    if account_id is None:
+        raise _unauthorized("invalid or expired token")
+    return account_id
+
+
+async def service_principal(request: Request, authorization: str | None = Header(default=None),
+                            x_api_key: str | None = Header(default=None),
+                            state: AppState = Depends(app_state)) -> Principal:
+    """The service key in `Authorization: Bearer <key>` or `X-API-Key`."""
+    key = _bearer(authorization) or x_api_key
+    if not key:
+        raise _unauthorized("missing API key")
+    master = state.rt.settings.master_key
+    if master and hmac.compare_digest(key.encode(), master.encode()):
+        return Principal("service", "master", frozenset({"meter", "admin"}))
+    digest = hash_api_key(key)
+    hit, principal = state.key_cache.get(digest)
+    if not hit:
+        principal = await _lookup(state, key, digest)
+        state.key_cache.put(digest, principal)
+    if principal is None:
+        raise _unauthorized("invalid or revoked API key")
+    return principal
+
+
+async def _lookup(state: AppState, key: str, digest: str) -> Principal | None:
+    if not key.startswith("tmk_"):
+        return None
+    async with state.rt.db.sessions() as session:
+        row = (await session.execute(select(ApiKey).where(ApiKey.key_hash == digest))).scalar_one_or_none()
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal("service", row.id, frozenset(s for s in row.scopes.split(",") if s))
+
+
+def require_scope(scope: str):  # type: ignore[no-untyped-def]
+    async def check(principal: Principal = Depends(service_principal)) -> Principal:
+        if scope not in principal.scopes:
+            raise HTTPException(403, detail={"error": "forbidden",
+                                             "message": f"this key lacks the '{scope}' scope"})
+        return principal
+
+    return check

@@ -1,0 +1,81 @@
+"""Every fault becomes a clear 4xx (or 503 for a store outage) with a JSON body; never a 5xx
+for bad input. Bodies: {"error": code, "message": text, ...details}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from meter import (
+    IdempotencyConflict,
+    InvalidInput,
+    MeterError,
+    StoreUnavailable,
+    UnknownAccount,
+    UnknownHold,
+)
+
+__all__ = ["error_body", "install_error_handlers"]
+
+
+def error_body(error: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"error": error, "message": message, **details}
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+        field = _field(tuple(first.get("loc", ())))
+        return JSONResponse(status_code=422, content=error_body(
+            "invalid_input", f"{field}: {first.get('msg', 'invalid')}", field=field,
+            errors=[{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "")}
+                    for e in errors]))
+
+    @app.exception_handler(InvalidInput)
+    async def invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
+        return JSONResponse(status_code=422, content=error_body(
+            "invalid_input", f"{exc.field}: {exc.message}", field=exc.field))
+
+    @app.exception_handler(UnknownAccount)
+    async def unknown_account(_: Request, exc: UnknownAccount) -> JSONResponse:
+        return JSONResponse(status_code=404, content=error_body(
+            "unknown_account", str(exc), account_id=exc.account_id))
+
+    @app.exception_handler(UnknownHold)
+    async def unknown_hold(_: Request, exc: UnknownHold) -> JSONResponse:
+        return JSONResponse(status_code=404, content=error_body("unknown_hold", str(exc), hold_id=exc.hold_id))
+
+    @app.exception_handler(IdempotencyConflict)
+    async def conflict(_: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return JSONResponse(status_code=409, content=error_body(
+            "idempotency_conflict", str(exc), idempotency_key=exc.request_id))
+
+    @app.exception_handler(StoreUnavailable)
+    async def unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        return JSONResponse(status_code=503, headers={"Retry-After": "1"},
+                            content=error_body("store_unavailable", f"token store unavailable: {exc}"))
+
+    @app.exception_handler(MeterError)
+    async def meter_error(_: Request, exc: MeterError) -> JSONResponse:
+        return JSONResponse(status_code=503, headers={"Retry-After": "1"},
+                            content=error_body("meter_error", str(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.detail, dict):
+            body = exc.detail
+        else:
+            body = error_body({404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error"),
+                              str(exc.detail))
+        return JSONResponse(status_code=exc.status_code, content=body, headers=getattr(exc, "headers", None))

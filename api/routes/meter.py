@@ -1,0 +1,129 @@
+"""Meter endpoints for API gateways (service key with the `meter` scope). The hot path: one
+Redis script per call, no database, responses built without response-model validation."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from api.deps import require_scope
+from api.metering import decision_response, metered_headers
+from api.state import AppState, app_state
+from meter import Decision
+
+router = APIRouter(prefix="/api/v1/meter", tags=["meter"], dependencies=[Depends(require_scope("meter"))])
+
+AccountId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$",
+                                 examples=["user-42"])]
+IdempotencyKey = Annotated[str | None, Header(max_length=255, description="retries with the same key "
+                                                                          "are charged once")]
+
+
+class DebitIn(BaseModel):
+    account_id: AccountId
+    tokens: int = Field(gt=0, examples=[2000], description="at most the plan's per-request maximum (8,192)")
+    agent: str | None = Field(default=None, max_length=64, examples=["code"])
+    model: str | None = Field(default=None, max_length=64, examples=["sonnet"])
+    input_tokens: int | None = Field(default=None, ge=0)
+    output_tokens: int | None = Field(default=None, ge=0)
+    project_id: str | None = Field(default=None, max_length=128)
+
+
+class ReserveIn(BaseModel):
+    account_id: AccountId
+    tokens: int = Field(gt=0, examples=[5000])
+    ttl_ms: int | None = Field(default=None, gt=0, le=86_400_000, description="hold lifetime")
+    agent: str | None = Field(default=None, max_length=64)
+    model: str | None = Field(default=None, max_length=64)
+    project_id: str | None = Field(default=None, max_length=128)
+
+
+class SettleIn(BaseModel):
+    account_id: AccountId
+    hold_id: str = Field(max_length=20, examples=["17"])
+    actual_tokens: int = Field(ge=0, examples=[4210])
+    agent: str | None = Field(default=None, max_length=64)
+    model: str | None = Field(default=None, max_length=64)
+    input_tokens: int | None = Field(default=None, ge=0)
+    output_tokens: int | None = Field(default=None, ge=0)
+    project_id: str | None = Field(default=None, max_length=128)
+
+
+class ReleaseIn(BaseModel):
+    account_id: AccountId
+    hold_id: str = Field(max_length=20)
+
+
+class OpenIn(BaseModel):
+    account_id: AccountId
+    plan: str = Field(default="free", max_length=32, examples=["free"])
+
+
+def _decision_body(d: Decision) -> dict[str, object]:
+    return {"allowed": d.allowed, "remaining_tokens": d.remaining, "requests_today": d.requests_today,
+            "daily_request_limit": d.daily_request_limit, "transaction_id": d.transaction_id,
+            "replayed": d.replayed, "reserved_tokens": d.reserved, "tokens_used_today": d.tokens_used_today}
+
+
+@router.post("/debit", summary="May this account spend N tokens now? If so, deduct them.",
+             responses={402: {"description": "insufficient tokens"}, 429: {"description": "daily cap or rate limit"}})
+async def debit(body: DebitIn, idempotency_key: IdempotencyKey = None,
+                state: AppState = Depends(app_state)) -> JSONResponse:
+    start = time.perf_counter()
+    d = await state.rt.meter.debit(body.account_id, body.tokens, agent=body.agent, model=body.model,
+                                   request_id=idempotency_key, input_tokens=body.input_tokens,
+                                   output_tokens=body.output_tokens, project_id=body.project_id)
+    return decision_response(d, _decision_body(d), start)
+
+
+@router.post("/reserve", summary="Hold tokens for a call whose cost is known afterwards")
+async def reserve(body: ReserveIn, idempotency_key: IdempotencyKey = None,
+                  state: AppState = Depends(app_state)) -> JSONResponse:
+    start = time.perf_counter()
+    d = await state.rt.meter.reserve(body.account_id, body.tokens, ttl_ms=body.ttl_ms, agent=body.agent,
+                                     model=body.model, request_id=idempotency_key, project_id=body.project_id)
+    return decision_response(d, {**_decision_body(d), "hold_id": d.hold_id, "expires_at_ms": d.expires_at_ms},
+                             start)
+
+
+@router.post("/settle", summary="Charge a hold's actual usage and return the rest")
+async def settle(body: SettleIn, idempotency_key: IdempotencyKey = None,
+                 state: AppState = Depends(app_state)) -> JSONResponse:
+    start = time.perf_counter()
+    r = await state.rt.meter.settle(body.account_id, body.hold_id, body.actual_tokens, agent=body.agent,
+                                    model=body.model, request_id=idempotency_key,
+                                    input_tokens=body.input_tokens, output_tokens=body.output_tokens,
+                                    project_id=body.project_id)
+    content = {"transaction_id": r.transaction_id, "charged_tokens": r.charged,
+               "uncollected_tokens": r.uncollected, "remaining_tokens": r.remaining,
+               "reserved_tokens": r.reserved, "replayed": r.replayed}
+    return JSONResponse(content, headers=metered_headers(r.remaining, None, None, start))
+
+
+@router.post("/release", summary="Cancel a hold; its tokens go back")
+async def release(body: ReleaseIn, idempotency_key: IdempotencyKey = None,
+                  state: AppState = Depends(app_state)) -> JSONResponse:
+    start = time.perf_counter()
+    r = await state.rt.meter.release(body.account_id, body.hold_id, request_id=idempotency_key)
+    content = {"transaction_id": r.transaction_id, "released_tokens": r.tokens,
+               "remaining_tokens": r.remaining, "reserved_tokens": r.reserved, "replayed": r.replayed}
+    return JSONResponse(content, headers=metered_headers(r.remaining, None, None, start))
+
+
+@router.get("/accounts/{account_id}/balance", summary="An account's live balance (the user balance fields)")
+async def account_balance(account_id: AccountId, state: AppState = Depends(app_state)) -> JSONResponse:
+    start = time.perf_counter()
+    b = await state.rt.meter.balance(account_id)
+    return JSONResponse(b.as_dict(), headers=metered_headers(b.remaining_tokens, b.tokens_used_today,
+                                                             b.requests_today, start))
+
+
+@router.post("/accounts", status_code=201, summary="Open an account for a gateway's user")
+async def open_account(body: OpenIn, state: AppState = Depends(app_state)) -> JSONResponse:
+    created = await state.rt.meter.open_account(body.account_id, plan=body.plan)
+    b = await state.rt.meter.balance(body.account_id)
+    return JSONResponse(status_code=201 if created else 200, content={"created": created, **b.as_dict()})

@@ -1,0 +1,263 @@
+"""The user's token endpoints (JWT): balance, history, analytics, packages, purchase, promo
+codes and a live balance stream. A user only ever sees their own account."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import current_user
+from api.errors import error_body
+from api.metering import metered_headers
+from api.state import AppState, app_state
+from meter import keys as keyspace
+from persistence.models import PromoCode, PromoRedemption, TokenPurchase, TokenTransaction
+
+router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
+
+USAGE_TYPES = ("usage", "settle")
+
+
+def _money(minor: int, places: int) -> Decimal:
+    """Integer minor units as an exact decimal for display (2 places)."""
+    return (Decimal(minor) / (10 ** places)).quantize(Decimal("0.01"))
+
+
+@router.get("/balance", summary="Current balance (live, from Redis)")
+async def balance(account_id: str = Depends(current_user), state: AppState = Depends(app_state)) -> JSONResponse:
+    import time
+
+    start = time.perf_counter()
+    b = await state.rt.meter.balance(account_id)
+    return JSONResponse(b.as_dict(), headers=metered_headers(b.remaining_tokens, b.tokens_used_today,
+                                                             b.requests_today, start))
+
+
+def _describe(row: TokenTransaction, agents: dict[str, str]) -> str:
+    if row.transaction_type in USAGE_TYPES and row.agent_type:
+        return f"Token usage for {agents.get(row.agent_type, row.agent_type)}"
+    return row.description or row.transaction_type
+
+
+@router.get("/transactions", summary="Transaction history, newest first (cursor pagination)")
+async def transactions(
+    account_id: str = Depends(current_user), state: AppState = Depends(app_state),
+    limit: int = Query(50, ge=1, le=500), cursor: int | None = Query(None, ge=1, description="X-Next-Cursor"),
+    type: str | None = Query(None, max_length=20, description="usage, settle, purchase, bonus, ..."),
+    agent: str | None = Query(None, max_length=64), since: datetime | None = None, until: datetime | None = None,
+) -> JSONResponse:
+    tx = TokenTransaction
+    q = select(tx).where(tx.account_id == account_id).order_by(tx.id.desc()).limit(limit + 1)
+    if cursor is not None:
+        q = q.where(tx.id < cursor)
+    if type:
+        q = q.where(tx.transaction_type == type)
+    if agent:
+        q = q.where(tx.agent_type == agent)
+    if since:
+        q = q.where(tx.created_at >= since)
+    if until:
+        q = q.where(tx.created_at < until)
+    async with state.rt.db.sessions() as session:
+        rows = list((await session.execute(q)).scalars())
+    agents = {a.id: a.name for a in state.rt.catalog.agents.values()}
+    items = [{"type": "usage" if r.transaction_type in USAGE_TYPES else r.transaction_type,
+              "tokens": r.tokens_changed + r.held_changed if r.transaction_type in USAGE_TYPES else r.tokens_changed,
+              "description": _describe(r, agents), "agent": r.agent_type, "model": r.model_used,
+              "timestamp": r.created_at.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
+              if r.created_at.tzinfo else r.created_at.isoformat(timespec="seconds"),
+              "transaction_id": r.transaction_id, "transaction_type": r.transaction_type,
+              "tokens_before": r.tokens_before, "tokens_after": r.tokens_after,
+              "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+              "estimated_cost_usd_micros": r.estimated_cost_usd_micros,
+              "estimated_cost_inr_paise": r.estimated_cost_inr_paise, "project_id": r.project_id}
+             for r in rows[:limit]]
+    headers = {"X-Next-Cursor": str(rows[limit - 1].id)} if len(rows) > limit else {}
+    return JSONResponse(items, headers=headers)
+
+
+@router.get("/analytics", summary="Usage analytics: totals, agent and model breakdowns, cost, per day")
+async def analytics(account_id: str = Depends(current_user), state: AppState = Depends(app_state),
+                    since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+    tx = TokenTransaction
+    q = select(tx.transaction_type, tx.agent_type, tx.model_used, tx.tokens_changed, tx.held_changed,
+               tx.estimated_cost_usd_micros, tx.estimated_cost_inr_paise, tx.created_at).where(
+        tx.account_id == account_id)
+    if since:
+        q = q.where(tx.created_at >= since)
+    if until:
+        q = q.where(tx.created_at < until)
+    used = added = count = requests = usd = inr = 0
+    by_agent: dict[str, int] = defaultdict(int)
+    by_model: dict[str, int] = defaultdict(int)
+    by_day: dict[str, int] = defaultdict(int)
+    async with state.rt.db.sessions() as session:
+        for kind, agent, model, changed, held, cost_usd, cost_inr, at in (await session.execute(q)).all():
+            count += 1
+            if kind in USAGE_TYPES:
+                spent = -(changed + held)
+                used += spent
+                requests += 1
+                usd += cost_usd
+                inr += cost_inr
+                by_agent[agent or "other"] += spent
+                by_model[model or "unspecified"] += spent
+                by_day[at.date().isoformat()] += spent
+            elif changed > 0 and kind not in ("release", "rollover"):
+                added += changed
+    return {
+        "total_tokens_used": used, "total_tokens_added": added, "total_transactions": count,
+        "agent_usage_breakdown": dict(by_agent), "model_usage_breakdown": dict(by_model),
+        "estimated_cost": {"usd": _money(usd, 6), "inr": _money(inr, 2), "usd_micros": usd, "inr_paise": inr},
+        "average_tokens_per_request": round(used / requests, 2) if requests else 0.0,
+        "usage_per_day": dict(sorted(by_day.items())),
+    }
+
+
+@router.get("/packages", summary="Token packs and monthly plans, prices in INR and USD")
+async def packages(state: AppState = Depends(app_state)) -> dict[str, Any]:
+    cat = state.rt.catalog
+
+    def usd_cents(paise: int) -> int:
+        return (paise * 100 + cat.inr_paise_per_usd // 2) // cat.inr_paise_per_usd
+
+    return {
+        "packs": [{"id": p.id, "name": p.name, "tokens": p.tokens, "price_inr": _money(p.price_inr_paise, 2),
+                   "price_inr_paise": p.price_inr_paise, "price_usd": _money(usd_cents(p.price_inr_paise), 2),
+                   "most_popular": p.popular} for p in cat.packs.values()],
+        "plans": [{"id": p.id, "name": p.name, "monthly_tokens": p.monthly_tokens,
+                   "price_inr": _money(p.price_inr_paise, 2), "price_inr_paise": p.price_inr_paise,
+                   "price_usd": _money(usd_cents(p.price_inr_paise), 2), "daily_requests": p.daily_requests,
+                   "max_tokens_per_request": p.max_tokens_per_request, "rollover_pct": p.rollover_pct}
+                  for p in cat.plans.values()],
+        "usd_to_inr": _money(cat.inr_paise_per_usd, 2),
+    }
+
+
+class PurchaseIn(BaseModel):
+    package_id: str = Field(max_length=32, examples=["starter"])
+
+
+@router.post("/purchase", status_code=201, summary="Start buying a token pack (pays through a provider)")
+async def purchase(body: PurchaseIn, account_id: str = Depends(current_user),
+                   state: AppState = Depends(app_state),
+                   idempotency_key: str | None = Header(default=None, max_length=255)) -> JSONResponse:
+    pack = state.rt.catalog.packs.get(body.package_id)
+    if pack is None:
+        raise HTTPException(422, detail=error_body(
+            "invalid_input", f"package_id: unknown pack {body.package_id!r}; known: "
+                             f"{sorted(state.rt.catalog.packs)}", field="package_id"))
+    async with state.rt.db.sessions() as session:
+        if idempotency_key:
+            prior = (await session.execute(select(TokenPurchase).where(
+                TokenPurchase.account_id == account_id,
+                TokenPurchase.idempotency_key == idempotency_key))).scalar_one_or_none()
+            if prior is not None:
+                return JSONResponse(_purchase_body(prior, replayed=True), status_code=200)
+        row = TokenPurchase(id=str(uuid.uuid4()), account_id=account_id, package_id=pack.id, tokens=pack.tokens,
+                            amount_paise=pack.price_inr_paise, currency="INR", status="pending", provider="test",
+                            provider_order_id=f"order_{uuid.uuid4().hex[:16]}",
+                            idempotency_key=idempotency_key, refunded_tokens=0)
+        session.add(row)
+        try:
+            await session.commit()
+        except IntegrityError:
+            raise HTTPException(409, detail=error_body("idempotency_conflict", "purchase in flight")) from None
+    return JSONResponse(_purchase_body(row, replayed=False), status_code=201)
+
+
+def _purchase_body(p: TokenPurchase, *, replayed: bool) -> dict[str, Any]:
+    return {"purchase_id": p.id, "package_id": p.package_id, "tokens": p.tokens, "status": p.status,
+            "amount_paise": p.amount_paise, "currency": p.currency, "provider": p.provider,
+            "order_id": p.provider_order_id, "replayed": replayed,
+            "message": "Pay the order with the provider; tokens arrive when the payment is confirmed."}
+
+
+class RedeemIn(BaseModel):
+    promo_code: str = Field(min_length=1, max_length=64, examples=["WELCOME2024"])
+
+
+@router.post("/redeem-code", summary="Redeem a promo code (once per account) for bonus tokens")
+async def redeem_code(body: RedeemIn, account_id: str = Depends(current_user),
+                      state: AppState = Depends(app_state)) -> dict[str, Any]:
+    rt = state.rt
+    code = body.promo_code.strip().upper()
+    request_id = f"promo:{code}"
+    now = datetime.now(UTC)
+    async with rt.db.sessions() as session, session.begin():
+        promo = await session.get(PromoCode, code)
+        already = (await session.execute(select(func.count()).select_from(PromoRedemption).where(
+            PromoRedemption.code == code, PromoRedemption.account_id == account_id))).scalar_one()
+        if promo is None or not promo.active:
+            raise HTTPException(404, detail=error_body("unknown_code", f"promo code {code!r} does not exist",
+                                                       field="promo_code"))
+        if not already:
+            if (promo.starts_at and _aware(promo.starts_at) > now) or (promo.ends_at and _aware(promo.ends_at) <= now):
+                raise HTTPException(410, detail=error_body("code_expired", f"promo code {code!r} is not valid now",
+                                                           field="promo_code"))
+            if promo.plan and (await rt.meter.balance(account_id)).plan != promo.plan:
+                raise HTTPException(403, detail=error_body("code_not_for_plan",
+                                                           f"promo code {code!r} is for the {promo.plan} plan"))
+            taken = await session.execute(update(PromoCode).where(
+                PromoCode.code == code,
+                (PromoCode.max_redemptions.is_(None)) | (PromoCode.redemptions < PromoCode.max_redemptions),
+            ).values(redemptions=PromoCode.redemptions + 1))
+            if taken.rowcount != 1:  # type: ignore[attr-defined]
+                raise HTTPException(410, detail=error_body("code_exhausted", f"promo code {code!r} is used up",
+                                                           field="promo_code"))
+            session.add(PromoRedemption(code=code, account_id=account_id, bonus_tokens=promo.bonus_tokens))
+            try:
+                await session.flush()
+            except IntegrityError:  # a concurrent redemption by the same account won
+                raise HTTPException(409, detail=error_body("already_redeemed",
+                                                           f"promo code {code!r} was already redeemed")) from None
+        bonus = promo.bonus_tokens
+    # Credited after the redemption is committed, idempotently: a retry after a Redis outage
+    # completes the credit; a second redemption is a replay and is refused.
+    receipt = await rt.meter.credit(account_id, bonus, bucket="bonus", kind="bonus",
+                                    note=f"Promo code: {code}", reference=code, request_id=request_id)
+    if already and receipt.replayed:
+        raise HTTPException(409, detail=error_body("already_redeemed", f"promo code {code!r} was already redeemed"))
+    return {"message": "Promo code redeemed successfully!", "bonus_tokens": bonus,
+            "new_balance": receipt.remaining, "transaction_id": receipt.transaction_id}
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+@router.get("/stream", summary="Server-Sent Events: the balance now and after every change")
+async def stream(request: Request, account_id: str = Depends(current_user),
+                 state: AppState = Depends(app_state)) -> StreamingResponse:
+    rt = state.rt
+    key = keyspace.account_keys(account_id, shards=rt.settings.shards, prefix=rt.settings.key_prefix).account
+    await rt.meter.balance(account_id)  # 404 before the stream starts if the account is unknown
+
+    async def events() -> AsyncIterator[str]:
+        last: str | None = None
+        beats = 0
+        while not await request.is_disconnected():
+            seq = await rt.redis.hget(key, "seq")
+            if seq != last:
+                last = seq
+                body = (await rt.meter.balance(account_id)).as_dict()
+                yield f"event: balance\nid: {seq}\ndata: {json.dumps(body)}\n\n"
+            beats += 1
+            if beats % 30 == 0:
+                yield ": keep-alive\n\n"
+            await asyncio.sleep(0.25)  # the balance reaches the client within a second of a change
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

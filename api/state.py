@@ -1,0 +1,33 @@
+"""What the running app holds: the runtime (meter, Redis, database), auth material, tasks."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from api.runtime import Runtime
+from api.security import ApiKeyCache
+
+__all__ = ["AppState", "app_state"]
+
+
+@dataclass
+class AppState:
+    rt: Runtime
+    jwt_secret: str
+    key_cache: ApiKeyCache
+    tasks: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, rt: Runtime) -> AppState:
+        s = rt.settings
+        return cls(rt=rt, jwt_secret=s.jwt_secret or secrets.token_urlsafe(32),
+                   key_cache=ApiKeyCache(s.api_key_cache_s))
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.app.state.tm
+    return state
