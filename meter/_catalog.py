@@ -67,6 +67,7 @@ class Catalog:
     agents: dict[str, Agent]
     models: dict[str, Model]
     inr_paise_per_usd: int
+    project_estimate_tokens: int = 0  # 0 = the sum of the agents' estimates
 
     def plan(self, plan_id: str) -> Plan:
         try:
@@ -167,7 +168,8 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
             raise CatalogError(f"{w}.model: unknown model {model!r}")
         agents[aid] = Agent(aid, _str(w, t, "name", aid), _int(w, t, "estimate_tokens", low=1), model)
     rate = _int("catalog", data, "inr_paise_per_usd", low=1)
-    return Catalog(plans, packs, promos, agents, models, rate)
+    project = _int("catalog", data, "project_estimate_tokens", default=0)
+    return Catalog(plans, packs, promos, agents, models, rate, project or sum(a.estimate_tokens for a in agents.values()))
 
 
 def load_catalog(path: str | Path | None = None) -> Catalog:

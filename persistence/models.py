@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Account", "ApiKey", "Base", "PromoCode", "PromoRedemption", "TokenBalance",
+__all__ = ["Account", "ApiKey", "Base", "Project", "PromoCode", "PromoRedemption", "TokenBalance",
            "TokenPurchase", "TokenTransaction", "utcnow"]
 
 # BIGINT everywhere, but SQLite only auto-increments an INTEGER PRIMARY KEY.
@@ -154,4 +154,17 @@ class PromoRedemption(Base):
     account_id: Mapped[str] = mapped_column(String(128), index=True)
     bonus_tokens: Mapped[int] = mapped_column()
     transaction_id: Mapped[str | None] = mapped_column(String(160))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Project(Base):
+    """A user's project; executing it runs the agents, each metered (reserve → run → settle)."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(128), index=True)
+    title: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(String(5000))
+    status: Mapped[str] = mapped_column(String(16), default="created")  # created running done stopped
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

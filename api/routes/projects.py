@@ -1,0 +1,90 @@
+"""Projects: create one, execute it (the brief's flow: check the estimate, then each agent in
+order: reserve its estimate → run → settle the actual usage, one transaction per agent)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from api.agents import AgentRunner, SimulatedAgentRunner
+from api.deps import current_user
+from api.errors import error_body
+from api.metering import PACKAGES_URL, denial_body
+from api.state import AppState, app_state
+from persistence.models import Project
+
+router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
+
+
+class ProjectIn(BaseModel):
+    title: str = Field(min_length=1, max_length=200, examples=["Library management system"])
+    description: str | None = Field(default=None, max_length=5000)
+
+
+def runner_of(state: AppState) -> AgentRunner:
+    runner: AgentRunner = getattr(state, "agent_runner", None) or SimulatedAgentRunner()
+    return runner
+
+
+@router.post("", status_code=201, summary="Create a project")
+async def create_project(body: ProjectIn, account_id: str = Depends(current_user),
+                         state: AppState = Depends(app_state)) -> dict[str, Any]:
+    project = Project(id=str(uuid.uuid4()), account_id=account_id, title=body.title,
+                      description=body.description, status="created")
+    async with state.rt.db.sessions() as session, session.begin():
+        session.add(project)
+    return {"id": project.id, "title": project.title, "description": project.description, "status": "created"}
+
+
+@router.post("/{project_id}/execute", summary="Run the agents in order, metering each one",
+             responses={402: {"description": "insufficient tokens (the brief's body)"}})
+async def execute(project_id: str, account_id: str = Depends(current_user),
+                  state: AppState = Depends(app_state)) -> JSONResponse:
+    rt = state.rt
+    async with rt.db.sessions() as session:
+        project = await session.get(Project, project_id)
+    if project is None or project.account_id != account_id:  # another user's project is not found
+        raise HTTPException(404, detail=error_body("not_found", f"no project {project_id!r}"))
+    agents = list(rt.catalog.agents.values())
+    required = rt.catalog.project_estimate_tokens
+    available = (await rt.meter.balance(account_id)).remaining_tokens
+    if available < required:
+        return JSONResponse(status_code=402, content={
+            "error": "Insufficient tokens",
+            "message": f"Need {required - available} more tokens. Current balance: {available}",
+            "required": required, "available": available, "shortage": required - available,
+            "packages_url": PACKAGES_URL})
+    run_id = uuid.uuid4().hex[:12]
+    runner = runner_of(state)
+    results: list[dict[str, Any]] = []
+    for agent in agents:
+        hold = await rt.meter.reserve(account_id, agent.estimate_tokens, agent=agent.id, model=agent.model,
+                                      project_id=project_id, request_id=f"run:{run_id}:{agent.id}:hold")
+        if not hold.allowed or hold.hold_id is None:  # e.g. the daily cap: stop, report what ran
+            status = 402 if hold.reason == "insufficient" else 429
+            headers = {"Retry-After": str(-(-hold.retry_after_ms // 1000))} if status == 429 else {}
+            return JSONResponse(status_code=status, headers=headers, content={
+                **denial_body(hold), "project_id": project_id, "stopped_at_agent": agent.id, "agents": results})
+        try:
+            usage = await runner.run(project_id, agent)
+        except Exception:
+            await rt.meter.release(account_id, hold.hold_id, request_id=f"run:{run_id}:{agent.id}:release")
+            raise
+        receipt = await rt.meter.settle(account_id, hold.hold_id, usage.total, agent=agent.id, model=agent.model,
+                                        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                                        project_id=project_id, request_id=f"run:{run_id}:{agent.id}:settle")
+        results.append({"agent": agent.id, "name": agent.name, "model": agent.model,
+                        "estimated_tokens": agent.estimate_tokens, "tokens_used": receipt.charged,
+                        "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                        "uncollected_tokens": receipt.uncollected, "transaction_id": receipt.transaction_id})
+    balance = await rt.meter.balance(account_id)
+    return JSONResponse({"project_id": project_id, "status": "completed", "agents": results,
+                         "total_tokens": sum(r["tokens_used"] for r in results),
+                         "remaining_tokens": balance.remaining_tokens},
+                        headers={"X-Tokens-Remaining": str(balance.remaining_tokens),
+                                 "X-Tokens-Used-Today": str(balance.tokens_used_today),
+                                 "X-Requests-Today": str(balance.requests_today)})
