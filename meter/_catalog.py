@@ -169,7 +169,8 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
         agents[aid] = Agent(aid, _str(w, t, "name", aid), _int(w, t, "estimate_tokens", low=1), model)
     rate = _int("catalog", data, "inr_paise_per_usd", low=1)
     project = _int("catalog", data, "project_estimate_tokens", default=0)
-    return Catalog(plans, packs, promos, agents, models, rate, project or sum(a.estimate_tokens for a in agents.values()))
+    project = project or sum(a.estimate_tokens for a in agents.values())
+    return Catalog(plans, packs, promos, agents, models, rate, project)
 
 
 def load_catalog(path: str | Path | None = None) -> Catalog:
