@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Bootstrap and task runner: needs only Python 3.11+ on the machine.
 
+    python3 dev.py serve [args]         run the service (embedded Redis + SQLite unless configured)
     python3 dev.py test [pytest args]   lint, type-check and run the test suite
     python3 dev.py bench [args]         run the side-by-side debit benchmark
     python3 dev.py shell CMD ...        run CMD inside the project's virtualenv
@@ -24,8 +25,8 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".tokenmeter-installed"
 
 
-def _run(*cmd: str | Path) -> int:
-    return subprocess.call([str(c) for c in cmd], cwd=ROOT)
+def _run(*cmd: str | Path, cwd: Path = ROOT) -> int:
+    return subprocess.call([str(c) for c in cmd], cwd=cwd)
 
 
 def ensure_venv() -> None:
@@ -69,6 +70,11 @@ def main(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "test":
         return test(rest)
+    if cmd == "serve":
+        try:  # from the caller's directory: that is where the SQLite file goes
+            return _run(BIN / "tokenmeter", "serve", *rest, cwd=Path.cwd())
+        except KeyboardInterrupt:
+            return 0
     if cmd == "bench":
         return _run(BIN / "python", "-m", "loadtests.bench_debit", *rest)
     if cmd == "shell":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -14,6 +15,24 @@ from persistence.ledger import LedgerWriter
 from persistence.rehydrate import SnapshotLoader
 
 __all__ = ["Runtime"]
+
+log = logging.getLogger("tokenmeter")
+
+
+async def _check_redis_config(redis: Redis) -> None:
+    """Warn loudly about Redis settings that can lose or evict tokens (the meter still starts)."""
+    try:
+        cfg = await redis.config_get("maxmemory-policy")
+        cfg.update(await redis.config_get("appendonly"))
+    except Exception as exc:  # CONFIG may be disabled on managed Redis
+        log.warning("could not read the Redis configuration (%s); make sure maxmemory-policy is noeviction", exc)
+        return
+    if cfg.get("maxmemory-policy") != "noeviction":
+        log.error("REDIS maxmemory-policy is %r, not 'noeviction': Redis may EVICT balances and journal "
+                  "entries under memory pressure. Set maxmemory-policy noeviction.", cfg.get("maxmemory-policy"))
+    if cfg.get("appendonly") != "yes":
+        log.warning("Redis appendonly is off: a Redis crash loses everything since the last snapshot; "
+                    "recommended: appendonly yes, appendfsync everysec (or always)")
 
 
 @dataclass
@@ -33,6 +52,8 @@ class Runtime:
                                     shards=settings.shards, prefix=settings.key_prefix,
                                     hold_ttl_ms=settings.hold_ttl_ms)
         redis: Redis = meter.store.redis  # type: ignore[attr-defined]
+        if settings.redis_url:
+            await _check_redis_config(redis)
         meter.loader = SnapshotLoader(db, redis, catalog, shards=settings.shards, prefix=settings.key_prefix)
         return cls(settings, catalog, meter, redis, db)
 
