@@ -28,7 +28,8 @@ local LAZY_HOLDS = 8          -- expired holds released per touch (keeps every c
 local IDEM_TTL_S = 86400
 
 local FIELDS = {'plan', 'allow', 'dcap', 'rpm', 'maxreq', 'rpct', 'r', 'm', 'b', 'p', 'h',
-                'per', 'day', 'rq', 'ut', 'used', 'treq', 'tat', 'seq', 'created'}
+                'per', 'day', 'rq', 'ut', 'used', 'treq', 'tat', 'seq', 'created', 'np'}
+local TEXT = {plan = true, np = true}  -- np: a plan change due at the next period, 'id:allow:dcap:rpm:max:pct'
 
 local function fmt(n) return string.format('%d', n) end
 
@@ -41,8 +42,10 @@ local HOLDS_CHANGED = false
 local function load_account()
   local vals = redis.call('HMGET', K_ACCT, unpack(FIELDS))
   if not vals[1] then return nil end
-  local a = {plan = vals[1], dirty = {}}
-  for i = 2, #FIELDS do a[FIELDS[i]] = tonumber(vals[i] or '0') or 0 end
+  local a = {dirty = {}}
+  for i, f in ipairs(FIELDS) do
+    if TEXT[f] then a[f] = vals[i] or '' else a[f] = tonumber(vals[i] or '0') or 0 end
+  end
   return a
 end
 
@@ -80,6 +83,16 @@ local function pct_of(n, pct)
   return q * pct + math.floor((n - q * 100) * pct / 100)
 end
 
+-- Set the plan and its limits from 'id:allow:dcap:rpm:max:pct'.
+local function apply_plan(a, spec)
+  local v = {}
+  for x in string.gmatch(spec, '[^:]+') do v[#v + 1] = x end
+  a.plan = v[1]
+  a.allow, a.dcap, a.rpm = tonumber(v[2]), tonumber(v[3]), tonumber(v[4])
+  a.maxreq, a.rpct = tonumber(v[5]), tonumber(v[6])
+  touch(a, 'plan', 'allow', 'dcap', 'rpm', 'maxreq', 'rpct')
+end
+
 -- Lazy calendar reset: the first touch in a new month expires the old rollover, rolls the
 -- plan's share of the unused monthly tokens (only into the very next month) and grants the
 -- allowance; the first touch in a new day clears the daily counters. Periods never go back.
@@ -97,6 +110,11 @@ local function roll_period(a)
       journal(a, 'rollover', rolled, -rolled, 0, 0, 0)
     end
     a.r = rolled; a.m = 0
+    if a.np ~= '' then  -- a downgrade or cancel waits for the period boundary
+      apply_plan(a, a.np)
+      a.np = ''
+      touch(a, 'np')
+    end
     if a.allow > 0 then
       a.m = a.allow
       journal(a, 'allowance', 0, a.allow, 0, 0, 0, {'nt', 'monthly allowance'})
@@ -242,7 +260,7 @@ local function commit(a, out)
   local pairs_ = {}
   for f in pairs(a.dirty) do
     pairs_[#pairs_ + 1] = f
-    pairs_[#pairs_ + 1] = fmt(a[f])
+    pairs_[#pairs_ + 1] = TEXT[f] and a[f] or fmt(a[f])
   end
   if #pairs_ > 0 then redis.call('HSET', K_ACCT, unpack(pairs_)) end
   for _, e in ipairs(JOURNAL) do redis.call('XADD', K_JOURNAL, '*', unpack(e)) end

@@ -13,6 +13,6 @@ commit(a)
 local out = {'ok'}
 for _, f in ipairs(FIELDS) do
   out[#out + 1] = f
-  out[#out + 1] = f == 'plan' and a.plan or fmt(a[f])
+  out[#out + 1] = TEXT[f] and a[f] or fmt(a[f])
 end
 return out

@@ -306,12 +306,48 @@ class Meter:
         return Receipt(receipt.transaction_id, receipt.remaining, receipt.reserved, receipt.replayed,
                        tokens=receipt.tokens)
 
+    async def set_plan(self, account_id: str, plan: str, *, when: str = "now", note: str | None = None,
+                       request_id: str | None = None) -> Receipt:
+        """Move to `plan`: "now" (an upgrade: limits change and the monthly bucket becomes the new
+        allowance minus this month's use) or "next" (a downgrade or cancel, at the next period).
+        `Receipt.tokens` is the change of the monthly bucket."""
+        check_account_id(account_id)
+        p = self.catalog.plan(plan)
+        if when not in ("now", "next"):
+            raise InvalidInput("when", "must be 'now' or 'next'")
+        rid = check_request_id(request_id)
+        args = (p.id, p.monthly_tokens, p.daily_requests, p.requests_per_minute, p.max_tokens_per_request,
+                p.rollover_pct, when, check_text("note", note, 300))
+        fp = _fingerprint("plan", *args) if rid else ""
+        reply = await self._run("plan", account_id, rid, fp, args)
+        return Receipt(f"{account_id}:{reply[1]}", int(reply[2]), int(reply[3]), bool(int(reply[7])),
+                       tokens=int(reply[9]))
+
+    async def adjust(self, account_id: str, tokens: int, *, bucket: str = "premium", kind: str = "adjustment",
+                     note: str | None = None, reference: str | None = None,
+                     request_id: str | None = None) -> Receipt:
+        """Take up to `tokens` back from a bucket ("bonus", "premium", or "any" in burn order).
+        Never below zero: `Receipt.tokens` is what was taken, `uncollected` what is still owed."""
+        check_account_id(account_id)
+        check_int("tokens", tokens)
+        buckets = {**CREDIT_BUCKETS, "any": "*"}
+        if bucket not in buckets:
+            raise InvalidInput("bucket", f"must be one of {sorted(buckets)}")
+        if kind not in CREDIT_KINDS:
+            raise InvalidInput("kind", f"must be one of {list(CREDIT_KINDS)}")
+        rid = check_request_id(request_id)
+        args = (buckets[bucket], tokens, kind, check_text("note", note, 500), check_text("reference", reference, 255))
+        fp = _fingerprint("adjust", *args) if rid else ""
+        reply = await self._run("adjust", account_id, rid, fp, args)
+        return Receipt(f"{account_id}:{reply[1]}" if int(reply[1]) else "", int(reply[2]), int(reply[3]),
+                       bool(int(reply[7])), tokens=int(reply[9]), uncollected=int(reply[10]))
+
     async def balance(self, account_id: str) -> Balance:
         """The live balance (performs a due month/day reset and hold expiry first)."""
         check_account_id(account_id)
         reply = await self._run("balance", account_id, "", "", ())
         f = dict(zip(reply[1::2], reply[2::2], strict=True))
-        n = {k: int(v) for k, v in f.items() if k != "plan"}
+        n = {k: int(v) for k, v in f.items() if k not in ("plan", "np")}
         return Balance(
             account_id=account_id, plan=str(f["plan"]), rollover_tokens=n["r"],
             monthly_remaining=n["m"], bonus_tokens=n["b"], premium_tokens=n["p"],
@@ -319,6 +355,7 @@ class Meter:
             requests_today=n["rq"], tokens_used_today=n["ut"], total_requests=n["treq"],
             daily_request_limit=n["dcap"], requests_per_minute=n["rpm"],
             max_tokens_per_request=n["maxreq"], month_reset_ms=month_end_ms(n["per"]),
+            pending_plan=str(f.get("np") or "").split(":")[0],
         )
 
     async def snapshot(self, account_id: str) -> dict[str, str]:

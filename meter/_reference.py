@@ -18,8 +18,9 @@ MINUTE_US = 60_000_000
 LAZY_HOLDS = 8
 
 ACCOUNT_FIELDS = ("plan", "allow", "dcap", "rpm", "maxreq", "rpct", "r", "m", "b", "p", "h",
-                  "per", "day", "rq", "ut", "used", "treq", "tat", "seq", "created")
-NUMERIC_FIELDS = ACCOUNT_FIELDS[1:]
+                  "per", "day", "rq", "ut", "used", "treq", "tat", "seq", "created", "np")
+TEXT_FIELDS = frozenset({"plan", "np"})  # np: a plan change due at the next period
+NUMERIC_FIELDS = tuple(f for f in ACCOUNT_FIELDS if f not in TEXT_FIELDS)
 
 
 @dataclass(slots=True)
@@ -125,12 +126,21 @@ class ReferenceStore:
                 a["r"], a["m"] = rolled, 0
                 self._journal(c, "rollover", rolled, -rolled, 0, 0, 0)
             a["r"], a["m"] = rolled, 0
+            if a["np"]:  # a downgrade or cancel waits for the period boundary
+                self._apply_plan(a, a["np"])
+                a["np"] = ""
             if a["allow"] > 0:
                 a["m"] = a["allow"]
                 self._journal(c, "allowance", 0, a["allow"], 0, 0, 0, [("nt", "monthly allowance")])
             a["per"] = c.month
         if c.day > a["day"]:
             a["day"], a["rq"], a["ut"] = c.day, 0, 0
+
+    @staticmethod
+    def _apply_plan(a: dict[str, Any], spec: str) -> None:
+        plan, *limits = spec.split(":")
+        a["plan"] = plan
+        a["allow"], a["dcap"], a["rpm"], a["maxreq"], a["rpct"] = (int(x) for x in limits)
 
     @staticmethod
     def _burn(a: dict[str, Any], n: int) -> tuple[int, int, int, int]:
@@ -242,7 +252,7 @@ class ReferenceStore:
         if self._load(c):
             return self._reply(c, "exists", c.a["seq"], 0)
         a: dict[str, Any] = dict.fromkeys(NUMERIC_FIELDS, 0)
-        a.update(plan=args[0], allow=int(args[1]), dcap=int(args[2]), rpm=int(args[3]),
+        a.update(np="", plan=args[0], allow=int(args[1]), dcap=int(args[2]), rpm=int(args[3]),
                  maxreq=int(args[4]), rpct=int(args[5]), per=c.month, day=c.day, created=c.now)
         c.a = a
         seq = 0
@@ -379,6 +389,61 @@ class ReferenceStore:
             out += [f, str(c.a[f])]
         return out
 
+    def _op_plan(self, c: _Call, args: Sequence[str]) -> list[Any]:
+        prior = self._replay(c)
+        if prior is not None:
+            return prior
+        if not self._load(c):
+            return ["no_account"]
+        self._roll_period(c)
+        expired = self._expire_holds(c, LAZY_HOLDS)
+        a = c.a
+        spec = ":".join(args[0:6])
+        dm = 0
+        if args[6] == "next":
+            a["np"] = spec
+            seq = self._journal(c, "adjustment", 0, 0, 0, 0, 0,
+                                [("nt", f"plan {args[0]} from next period: {args[7]}")])
+        else:
+            used = max(a["allow"] - a["m"], 0)
+            new_m = max(int(args[1]) - used, 0)
+            dm = new_m - a["m"]
+            self._apply_plan(a, spec)
+            a["np"] = ""
+            a["m"] = new_m
+            seq = self._journal(c, "allowance" if dm >= 0 else "adjustment", 0, dm, 0, 0, 0,
+                                [("nt", f"plan {args[0]} now: {args[7]}")])
+        out = self._reply(c, "ok", seq, 0, dm)
+        self._commit(c, out, holds_changed=expired > 0)
+        return out
+
+    def _op_adjust(self, c: _Call, args: Sequence[str]) -> list[Any]:
+        bucket, tokens = args[0], int(args[1])
+        prior = self._replay(c)
+        if prior is not None:
+            return prior
+        if not self._load(c):
+            return ["no_account"]
+        self._roll_period(c)
+        expired = self._expire_holds(c, LAZY_HOLDS)
+        a = c.a
+        tr = tm = tb = tp = 0
+        if bucket == "*":
+            tr, tm, tb, tp = self._burn(a, min(tokens, self._available(a)))
+        elif bucket == "b":
+            tb = min(tokens, a["b"])
+            a["b"] -= tb
+        else:
+            tp = min(tokens, a["p"])
+            a["p"] -= tp
+        taken = tr + tm + tb + tp
+        seq = 0
+        if taken > 0:
+            seq = self._journal(c, args[2], -tr, -tm, -tb, -tp, 0, [("nt", args[3]), ("rf", args[4])])
+        out = self._reply(c, "ok", seq, 0, taken, tokens - taken)
+        self._commit(c, out, holds_changed=expired > 0)
+        return out
+
     def _op_sweep(self, c: _Call, args: Sequence[str]) -> list[Any]:
         if not self._load(c):
             self.sweep.get(c.keys[3], {}).pop(c.account_id, None)
@@ -393,8 +458,9 @@ class ReferenceStore:
             return ["exists", 0]
         fields = dict(zip(args[0::2], args[1::2], strict=True))
         a: dict[str, Any] = dict.fromkeys(NUMERIC_FIELDS, 0)
+        a["np"] = ""
         for k, v in fields.items():
-            a[k] = v if k == "plan" else int(v)
+            a[k] = v if k in TEXT_FIELDS else int(v)
         self.accounts[c.keys[0]] = a
         if a["h"] > 0:  # holds do not survive: held tokens come back as bonus
             c.a = dict(a)

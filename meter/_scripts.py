@@ -11,7 +11,8 @@ from pathlib import Path
 __all__ = ["OPERATIONS", "Script", "ScriptRegistry", "lua_dir"]
 
 LIBRARY = "_wallet.lua"
-OPERATIONS = ("balance", "credit", "debit", "load", "open", "release", "reserve", "settle", "sweep")
+OPERATIONS = ("adjust", "balance", "credit", "debit", "load", "open", "plan", "release", "reserve", "settle",
+              "sweep")
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ class Balance:
     requests_per_minute: int
     max_tokens_per_request: int
     month_reset_ms: int  # first millisecond of the next month (UTC)
+    pending_plan: str = ""  # a downgrade or cancel that applies at the next period
 
     @property
     def remaining_tokens(self) -> int:
@@ -117,6 +118,7 @@ class Balance:
             "daily_request_limit": self.daily_request_limit,
             "requests_per_minute": self.requests_per_minute,
             "max_tokens_per_request": self.max_tokens_per_request,
+            "pending_plan": self.pending_plan or None,
         }
 
 

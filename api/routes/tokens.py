@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select, update
@@ -23,7 +22,7 @@ from api.errors import error_body
 from api.metering import metered_headers
 from api.state import AppState, app_state
 from meter import keys as keyspace
-from persistence.models import PromoCode, PromoRedemption, TokenPurchase, TokenTransaction
+from persistence.models import PromoCode, PromoRedemption, TokenTransaction
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 
@@ -144,45 +143,6 @@ async def packages(state: AppState = Depends(app_state)) -> dict[str, Any]:
                   for p in cat.plans.values()],
         "usd_to_inr": _money(cat.inr_paise_per_usd, 2),
     }
-
-
-class PurchaseIn(BaseModel):
-    package_id: str = Field(max_length=32, examples=["starter"])
-
-
-@router.post("/purchase", status_code=201, summary="Start buying a token pack (pays through a provider)")
-async def purchase(body: PurchaseIn, account_id: str = Depends(current_user),
-                   state: AppState = Depends(app_state),
-                   idempotency_key: str | None = Header(default=None, max_length=255)) -> JSONResponse:
-    pack = state.rt.catalog.packs.get(body.package_id)
-    if pack is None:
-        raise HTTPException(422, detail=error_body(
-            "invalid_input", f"package_id: unknown pack {body.package_id!r}; known: "
-                             f"{sorted(state.rt.catalog.packs)}", field="package_id"))
-    async with state.rt.db.sessions() as session:
-        if idempotency_key:
-            prior = (await session.execute(select(TokenPurchase).where(
-                TokenPurchase.account_id == account_id,
-                TokenPurchase.idempotency_key == idempotency_key))).scalar_one_or_none()
-            if prior is not None:
-                return JSONResponse(_purchase_body(prior, replayed=True), status_code=200)
-        row = TokenPurchase(id=str(uuid.uuid4()), account_id=account_id, package_id=pack.id, tokens=pack.tokens,
-                            amount_paise=pack.price_inr_paise, currency="INR", status="pending", provider="test",
-                            provider_order_id=f"order_{uuid.uuid4().hex[:16]}",
-                            idempotency_key=idempotency_key, refunded_tokens=0)
-        session.add(row)
-        try:
-            await session.commit()
-        except IntegrityError:
-            raise HTTPException(409, detail=error_body("idempotency_conflict", "purchase in flight")) from None
-    return JSONResponse(_purchase_body(row, replayed=False), status_code=201)
-
-
-def _purchase_body(p: TokenPurchase, *, replayed: bool) -> dict[str, Any]:
-    return {"purchase_id": p.id, "package_id": p.package_id, "tokens": p.tokens, "status": p.status,
-            "amount_paise": p.amount_paise, "currency": p.currency, "provider": p.provider,
-            "order_id": p.provider_order_id, "replayed": replayed,
-            "message": "Pay the order with the provider; tokens arrive when the payment is confirmed."}
 
 
 class RedeemIn(BaseModel):

@@ -444,7 +444,7 @@ class ParityMachine(RuleBasedStateMachine):
             if fields is None:
                 assert not entries, f"{account}: journal entries without an account"
                 continue
-            a = {f: int(v) for f, v in fields.items() if f != "plan"}
+            a = {f: int(v) for f, v in fields.items() if f not in ("plan", "np")}
             assert min(a["r"], a["m"], a["b"], a["p"], a["h"]) >= 0, f"{account}: negative bucket {a}"
             available = a["r"] + a["m"] + a["b"] + a["p"]
             assert sum(e.delta for e in entries) == available + a["h"], f"{account}: conservation"

@@ -299,3 +299,51 @@ def test_default_catalog_is_the_seed() -> None:
     assert cat.inr_paise_per_usd == 8_300
     assert cat.cost_usd_micros("sonnet", 1_000_000, 0) == 3_000_000
     assert cat.usd_micros_to_inr_paise(2_450_000) == 20_335  # $2.45 -> ₹203.35
+
+
+async def test_upgrade_mid_month_raises_monthly_to_new_allowance_minus_used(meter: Meter) -> None:
+    await meter.open_account("u1")  # free: 10,000
+    await meter.debit("u1", 3_500)
+    hold = await meter.reserve("u1", 500)
+    r = await meter.set_plan("u1", "pro", note="upgrade")  # 250,000 - (3,500 + 500 held) used
+    assert r.tokens == 246_000 - 6_000
+    bal = await meter.balance("u1")
+    assert (bal.plan, bal.monthly_allowance, bal.monthly_remaining) == ("pro", 250_000, 246_000)
+    assert bal.daily_request_limit == 5_000 and bal.monthly_used == 4_000
+    assert hold.hold_id is not None
+    await meter.release("u1", hold.hold_id)
+    assert (await meter.balance("u1")).monthly_remaining == 246_500
+    last = [e for e in await journal_of(meter, "u1") if e.kind == "allowance"][-1]
+    assert (last.monthly, last.plan) == (240_000, "pro")
+    await conservation(meter, "u1")
+
+
+async def test_downgrade_waits_for_the_period_boundary(meter: Meter, clock: FakeClock) -> None:
+    await meter.open_account("u1", plan="pro")
+    await meter.debit("u1", 8_000)
+    r = await meter.set_plan("u1", "free", when="next", note="downgrade")
+    assert r.tokens == 0
+    bal = await meter.balance("u1")
+    assert (bal.plan, bal.monthly_remaining, bal.pending_plan) == ("pro", 242_000, "free")
+    clock.set(month_end_ms(month_index(clock.now_ms())) - 1)
+    assert (await meter.balance("u1")).plan == "pro"
+    clock.advance(1)  # the boundary: the rollover follows the old plan (50% of 242,000), then free
+    bal = await meter.balance("u1")
+    assert (bal.plan, bal.monthly_allowance, bal.monthly_remaining, bal.rollover_tokens) == (
+        "free", 10_000, 10_000, 121_000)
+    assert bal.daily_request_limit == 100 and bal.pending_plan == ""
+    await conservation(meter, "u1")
+
+
+async def test_adjust_takes_back_what_is_unspent_and_reports_the_rest_owed(meter: Meter) -> None:
+    await meter.open_account("u1")
+    await meter.credit("u1", 50_000, bucket="premium", kind="purchase", reference="order-1")
+    for _ in range(5):
+        await meter.debit("u1", 8_000)  # 10,000 monthly, then 30,000 of the premium pack
+    r = await meter.adjust("u1", 50_000, bucket="premium", kind="refund", reference="order-1")
+    assert (r.tokens, r.uncollected, r.remaining) == (20_000, 30_000, 0)
+    nothing = await meter.adjust("u1", 10, bucket="premium", kind="refund")
+    assert (nothing.tokens, nothing.uncollected, nothing.transaction_id) == (0, 10, "")
+    refund = [e for e in await journal_of(meter, "u1") if e.kind == "refund"]
+    assert [(e.premium, e.reference) for e in refund] == [(-20_000, "order-1")]
+    await conservation(meter, "u1")
