@@ -41,6 +41,8 @@ class Settings(BaseSettings):
                                    description="verified API keys are cached this long; revocation lag")
     middleware_fail_open: bool = Field(default=False, description="plain rate limiting only, never billing")
     migrate_on_start: bool = True
+    promo_max_failures: int = Field(default=5, ge=1, description="failed promo attempts per account per window")
+    promo_failure_window_s: int = Field(default=900, ge=1)
 
     @property
     def embedded_redis(self) -> bool:

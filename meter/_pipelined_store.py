@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -142,9 +142,11 @@ class PipelinedRedisStore:
         self.connect_timeout = connect_timeout_ms / 1000
         self.options = parse_url(url)
         # Off the hot path (flusher, tools, script loading): long reads and blocking commands.
-        self.redis = Redis.from_url(url, decode_responses=True, socket_timeout=side_timeout_ms / 1000,
-                                    socket_connect_timeout=self.connect_timeout,
-                                    retry=Retry(NoBackoff(), 0), max_connections=max_connections)
+        # A blocking pool: callers beyond max_connections wait for a free connection instead of failing.
+        pool = BlockingConnectionPool.from_url(url, decode_responses=True, socket_timeout=side_timeout_ms / 1000,
+                                               socket_connect_timeout=self.connect_timeout,
+                                               max_connections=max_connections, timeout=side_timeout_ms / 1000)
+        self.redis = Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
         self._loading: dict[str, asyncio.Future[Any]] = {}

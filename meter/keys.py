@@ -10,8 +10,8 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
-__all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "account_keys", "journal_key", "shard_of",
-           "shard_tag", "sweep_key"]
+__all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "account_keys", "journal_key", "promo_failures_key",
+           "shard_of", "shard_tag", "sweep_key"]
 
 PREFIX = "tm"
 DEFAULT_SHARDS = 64
@@ -42,6 +42,11 @@ def journal_key(shard: int, prefix: str = PREFIX) -> str:
 
 def sweep_key(shard: int, prefix: str = PREFIX) -> str:
     return f"{shard_tag(shard, prefix)}:sweep"
+
+
+def promo_failures_key(account_id: str, *, shards: int = DEFAULT_SHARDS, prefix: str = PREFIX) -> str:
+    """Counter of an account's failed promo-code attempts in the current window."""
+    return f"{shard_tag(shard_of(account_id, shards), prefix)}:promofail:{account_id}"
 
 
 def account_keys(

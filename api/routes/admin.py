@@ -3,18 +3,20 @@ balance is a journal entry naming who made it and why."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from api.deps import require_scope
 from api.errors import error_body
+from api.routes.plans import change_plan
 from api.security import Principal, hash_api_key, new_api_key
 from api.state import AppState, app_state
 from meter import CREDIT_KINDS
-from persistence.models import ApiKey, utcnow
+from persistence.models import Account, ApiKey, PromoCode, utcnow
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 admin = require_scope("admin")
@@ -73,3 +75,94 @@ async def grant(account_id: str, body: GrantIn, who: Principal = Depends(admin),
     r = await state.rt.meter.credit(account_id, body.tokens, bucket=body.bucket, kind=body.kind,
                                     note=body.reason, reference=f"admin:{who.subject}")
     return {"transaction_id": r.transaction_id, "tokens": r.tokens, "remaining_tokens": r.remaining}
+
+
+class AdjustIn(BaseModel):
+    tokens: int = Field(gt=0, examples=[1000])
+    bucket: str = Field(default="any", pattern="^(bonus|premium|any)$")
+    reason: str = Field(min_length=1, max_length=300)
+
+
+@router.post("/accounts/{account_id}/adjustments", summary="Take tokens back (never below zero; the rest is owed)")
+async def adjust(account_id: str, body: AdjustIn, who: Principal = Depends(admin),
+                 state: AppState = Depends(app_state)) -> dict[str, Any]:
+    r = await state.rt.meter.adjust(account_id, body.tokens, bucket=body.bucket, kind="adjustment",
+                                    note=body.reason, reference=f"admin:{who.subject}")
+    return {"transaction_id": r.transaction_id or None, "taken_tokens": r.tokens, "owed_tokens": r.uncollected,
+            "remaining_tokens": r.remaining}
+
+
+class RefundIn(BaseModel):
+    tokens: int = Field(gt=0, examples=[3500])
+    reason: str = Field(min_length=1, max_length=300, examples=["agent run failed"])
+
+
+@router.post("/accounts/{account_id}/refunds", summary="Give tokens back to a user (e.g. a failed run)")
+async def refund(account_id: str, body: RefundIn, who: Principal = Depends(admin),
+                 state: AppState = Depends(app_state)) -> dict[str, Any]:
+    r = await state.rt.meter.credit(account_id, body.tokens, bucket="bonus", kind="refund", note=body.reason,
+                                    reference=f"admin:{who.subject}")
+    return {"transaction_id": r.transaction_id, "tokens": r.tokens, "remaining_tokens": r.remaining}
+
+
+class PlanIn(BaseModel):
+    plan: str = Field(max_length=32, examples=["pro"])
+    reason: str = Field(min_length=1, max_length=300)
+
+
+@router.post("/accounts/{account_id}/plan", summary="Set an account's plan (upgrades now, downgrades next period)")
+async def set_plan(account_id: str, body: PlanIn, who: Principal = Depends(admin),
+                   state: AppState = Depends(app_state)) -> dict[str, Any]:
+    return await change_plan(state.rt.meter, state, account_id, body.plan, f"admin:{who.subject}: {body.reason}")
+
+
+@router.get("/accounts", summary="List and search accounts (by id or email prefix)")
+async def list_accounts(q: str | None = None, limit: int = 50, _: Principal = Depends(admin),
+                        state: AppState = Depends(app_state)) -> list[dict[str, Any]]:
+    limit = max(1, min(limit, 500))
+    query = select(Account).order_by(Account.created_at.desc()).limit(limit)
+    if q:
+        like = q.replace("%", "").replace("_", "") + "%"
+        query = query.where(or_(Account.id.like(like), Account.email.like(like.lower())))
+    async with state.rt.db.sessions() as session:
+        rows = list((await session.execute(query)).scalars())
+    return [{"id": r.id, "email": r.email, "plan": r.plan, "created_at": r.created_at.isoformat()} for r in rows]
+
+
+class PromoIn(BaseModel):
+    code: str = Field(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", examples=["DIWALI25"])
+    bonus_tokens: int = Field(gt=0, lt=2**53, examples=[25_000])
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    max_redemptions: int | None = Field(default=None, gt=0, description="global cap; none = unlimited")
+    plan: str | None = Field(default=None, max_length=32, description="only accounts on this plan")
+
+
+@router.post("/promo-codes", status_code=201, summary="Create a promo code (each account redeems it once)")
+async def create_promo(body: PromoIn, _: Principal = Depends(admin), state: AppState = Depends(app_state)
+                       ) -> dict[str, Any]:
+    if body.plan is not None:
+        state.rt.catalog.plan(body.plan)  # 422 for an unknown plan
+    if body.starts_at and body.ends_at and body.ends_at <= body.starts_at:
+        raise HTTPException(422, detail=error_body("invalid_input", "ends_at: must be after starts_at",
+                                                   field="ends_at"))
+    code = body.code.upper()
+    async with state.rt.db.sessions() as session, session.begin():
+        if await session.get(PromoCode, code) is not None:
+            raise HTTPException(409, detail=error_body("code_exists", f"promo code {code!r} exists", field="code"))
+        session.add(PromoCode(code=code, bonus_tokens=body.bonus_tokens, starts_at=body.starts_at,
+                              ends_at=body.ends_at, max_redemptions=body.max_redemptions, redemptions=0,
+                              plan=body.plan, active=True))
+    return {"code": code, "bonus_tokens": body.bonus_tokens, "max_redemptions": body.max_redemptions,
+            "active": True}
+
+
+@router.delete("/promo-codes/{code}", summary="Disable a promo code")
+async def disable_promo(code: str, _: Principal = Depends(admin), state: AppState = Depends(app_state)
+                        ) -> dict[str, Any]:
+    async with state.rt.db.sessions() as session, session.begin():
+        row = await session.get(PromoCode, code.upper())
+        if row is None:
+            raise HTTPException(404, detail=error_body("not_found", f"no promo code {code!r}"))
+        row.active = False
+        return {"code": row.code, "active": False, "redemptions": row.redemptions}

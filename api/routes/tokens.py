@@ -149,11 +149,41 @@ class RedeemIn(BaseModel):
     promo_code: str = Field(min_length=1, max_length=64, examples=["WELCOME2024"])
 
 
-@router.post("/redeem-code", summary="Redeem a promo code (once per account) for bonus tokens")
+async def _promo_attempts_left(state: AppState, account_id: str) -> tuple[str, int]:
+    rt = state.rt
+    key = keyspace.promo_failures_key(account_id, shards=rt.settings.shards, prefix=rt.settings.key_prefix)
+    failures = int(await rt.redis.get(key) or 0)
+    if failures >= rt.settings.promo_max_failures:
+        ttl = max(int(await rt.redis.ttl(key)), 1)
+        raise HTTPException(429, headers={"Retry-After": str(ttl)}, detail=error_body(
+            "too_many_attempts", f"too many failed promo code attempts; try again in {ttl} s", retry_after_s=ttl))
+    return key, failures
+
+
+async def _promo_failed(state: AppState, key: str, exc: HTTPException) -> HTTPException:
+    async with state.rt.redis.pipeline(transaction=True) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, state.rt.settings.promo_failure_window_s, nx=True)
+        await pipe.execute()
+    return exc
+
+
+@router.post("/redeem-code", summary="Redeem a promo code (once per account) for bonus tokens",
+             responses={404: {"description": "unknown code"}, 409: {"description": "already redeemed"},
+                        410: {"description": "expired or used up"}, 429: {"description": "too many failed attempts"}})
 async def redeem_code(body: RedeemIn, account_id: str = Depends(current_user),
                       state: AppState = Depends(app_state)) -> dict[str, Any]:
+    """Failed attempts (unknown, expired, exhausted, wrong plan, already redeemed) count against a
+    per-account limit (5 per 15 minutes by default), so codes cannot be guessed by brute force."""
+    key, _ = await _promo_attempts_left(state, account_id)
+    try:
+        return await _redeem(state, account_id, body.promo_code.strip().upper())
+    except HTTPException as exc:
+        raise await _promo_failed(state, key, exc) from None
+
+
+async def _redeem(state: AppState, account_id: str, code: str) -> dict[str, Any]:
     rt = state.rt
-    code = body.promo_code.strip().upper()
     request_id = f"promo:{code}"
     now = datetime.now(UTC)
     async with rt.db.sessions() as session, session.begin():
@@ -181,8 +211,8 @@ async def redeem_code(body: RedeemIn, account_id: str = Depends(current_user),
             try:
                 await session.flush()
             except IntegrityError:  # a concurrent redemption by the same account won
-                raise HTTPException(409, detail=error_body("already_redeemed",
-                                                           f"promo code {code!r} was already redeemed")) from None
+                raise HTTPException(409, detail=error_body(
+                    "already_redeemed", f"promo code {code!r} was already redeemed")) from None
         bonus = promo.bonus_tokens
     # Credited after the redemption is committed, idempotently: a retry after a Redis outage
     # completes the credit; a second redemption is a replay and is refused.
