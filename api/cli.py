@@ -23,8 +23,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _with_runtime(args: argparse.Namespace, fn):  # type: ignore[no-untyped-def]
+    from persistence import migrate
+
     rt = await Runtime.start(_settings(args))
     try:
+        if rt.settings.migrate_on_start:
+            await migrate.upgrade(rt.db)
         return await fn(rt)
     finally:
         await rt.close()
@@ -161,6 +165,54 @@ async def cmd_apikey(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_admin(args: argparse.Namespace) -> int:
+    """The admin API's changes from the command line; journaled with actor 'cli' and the reason."""
+    from api.routes.plans import change_plan
+    from persistence.models import Account, PromoCode
+
+    async def run(rt: Runtime) -> int:
+        m, a = rt.meter, args
+        if a.action == "grant":
+            r = await m.credit(a.account_id, a.tokens, bucket=a.bucket, kind="grant", note=a.reason,
+                               reference="admin:cli")
+            print(f"granted {r.tokens} -> {r.transaction_id}; remaining {r.remaining}")
+        elif a.action == "adjust":
+            r = await m.adjust(a.account_id, a.tokens, bucket=a.bucket, kind="adjustment", note=a.reason,
+                               reference="admin:cli")
+            print(f"took back {r.tokens}, owed {r.uncollected}; remaining {r.remaining}")
+        elif a.action == "refund":
+            r = await m.credit(a.account_id, a.tokens, bucket="bonus", kind="refund", note=a.reason,
+                               reference="admin:cli")
+            print(f"refunded {r.tokens} -> {r.transaction_id}; remaining {r.remaining}")
+        elif a.action == "set-plan":
+            print(json.dumps(await change_plan(m, rt.db, a.account_id, a.plan, f"admin:cli: {a.reason}"), indent=2))
+        elif a.action == "promo-create":
+            async with rt.db.sessions() as session, session.begin():
+                session.add(PromoCode(code=a.code.upper(), bonus_tokens=a.bonus_tokens, max_redemptions=a.max,
+                                      plan=a.plan, redemptions=0, active=True))
+            print(f"created {a.code.upper()}")
+        elif a.action == "promo-disable":
+            async with rt.db.sessions() as session, session.begin():
+                row = await session.get(PromoCode, a.code.upper())
+                if row is None:
+                    print(f"no promo code {a.code}", file=sys.stderr)
+                    return 1
+                row.active = False
+            print(f"disabled {a.code.upper()}")
+        else:  # accounts
+            from sqlalchemy import or_, select
+
+            q = select(Account).order_by(Account.created_at.desc()).limit(a.limit)
+            if a.query:
+                q = q.where(or_(Account.id.like(f"{a.query}%"), Account.email.like(f"{a.query.lower()}%")))
+            async with rt.db.sessions() as session:
+                for row in (await session.execute(q)).scalars():
+                    print(f"{row.id}\t{row.email or '-'}\t{row.plan}")
+        return 0
+
+    return int(await _with_runtime(args, run))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tokenmeter", description="Token meter and rate limiter.")
     p.add_argument("--redis-url", help="overrides REDIS_URL")
@@ -192,6 +244,32 @@ def parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke")
     kr.add_argument("key_id")
     k.set_defaults(fn=cmd_apikey)
+    ad = sub.add_parser("admin", help="grant, adjust, refund, set plans, manage promo codes, list accounts")
+    asub = ad.add_subparsers(dest="action", required=True)
+    for name, help_, buckets in (("grant", "credit tokens", ("bonus", "premium")),
+                                 ("adjust", "take tokens back (never below zero)", ("bonus", "premium", "any")),
+                                 ("refund", "give tokens back (bonus bucket)", None)):
+        x = asub.add_parser(name, help=help_)
+        x.add_argument("account_id")
+        x.add_argument("tokens", type=int)
+        if buckets:
+            x.add_argument("--bucket", choices=buckets, default=buckets[0])
+        x.add_argument("--reason", required=True)
+    sp = asub.add_parser("set-plan", help="upgrade now / downgrade at the next period")
+    sp.add_argument("account_id")
+    sp.add_argument("plan")
+    sp.add_argument("--reason", required=True)
+    pc = asub.add_parser("promo-create", help="create a promo code")
+    pc.add_argument("code")
+    pc.add_argument("bonus_tokens", type=int)
+    pc.add_argument("--max", type=int, default=None, help="global redemption cap")
+    pc.add_argument("--plan", default=None, help="only accounts on this plan")
+    pd = asub.add_parser("promo-disable", help="disable a promo code")
+    pd.add_argument("code")
+    al = asub.add_parser("accounts", help="list or search accounts")
+    al.add_argument("query", nargs="?")
+    al.add_argument("--limit", type=int, default=50)
+    ad.set_defaults(fn=cmd_admin)
     b = sub.add_parser("balance", help="print an account's live balance")
     b.add_argument("account_id")
     b.set_defaults(fn=cmd_balance)

@@ -113,7 +113,7 @@ class PlanIn(BaseModel):
 @router.post("/accounts/{account_id}/plan", summary="Set an account's plan (upgrades now, downgrades next period)")
 async def set_plan(account_id: str, body: PlanIn, who: Principal = Depends(admin),
                    state: AppState = Depends(app_state)) -> dict[str, Any]:
-    return await change_plan(state.rt.meter, state, account_id, body.plan, f"admin:{who.subject}: {body.reason}")
+    return await change_plan(state.rt.meter, state.rt.db, account_id, body.plan, f"admin:{who.subject}: {body.reason}")
 
 
 @router.get("/accounts", summary="List and search accounts (by id or email prefix)")

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from api.deps import current_user
 from api.state import AppState, app_state
 from meter import Meter
+from persistence.db import Database
 from persistence.models import Account
 
 router = APIRouter(prefix="/api/v1/plans", tags=["plans"])
@@ -20,13 +21,13 @@ class SubscribeIn(BaseModel):
     plan: str = Field(max_length=32, examples=["pro"])
 
 
-async def change_plan(meter: Meter, state: AppState, account_id: str, plan: str, note: str) -> dict[str, Any]:
+async def change_plan(meter: Meter, db: Database, account_id: str, plan: str, note: str) -> dict[str, Any]:
     """Upgrade (more monthly tokens) now; downgrade or same-size change at the next period."""
     target = meter.catalog.plan(plan)  # InvalidInput (422) for an unknown plan
     current = await meter.balance(account_id)
     upgrade = target.monthly_tokens > current.monthly_allowance
     receipt = await meter.set_plan(account_id, target.id, when="now" if upgrade else "next", note=note)
-    async with state.rt.db.sessions() as session, session.begin():
+    async with db.sessions() as session, session.begin():
         row = await session.get(Account, account_id)
         if row is not None:
             row.plan = target.id
@@ -40,9 +41,9 @@ async def change_plan(meter: Meter, state: AppState, account_id: str, plan: str,
 @router.post("/subscribe", summary="Move to a plan: upgrades apply now, downgrades at the next period")
 async def subscribe(body: SubscribeIn, account_id: str = Depends(current_user),
                     state: AppState = Depends(app_state)) -> dict[str, Any]:
-    return await change_plan(state.rt.meter, state, account_id, body.plan, f"subscribe by {account_id}")
+    return await change_plan(state.rt.meter, state.rt.db, account_id, body.plan, f"subscribe by {account_id}")
 
 
 @router.post("/cancel", summary="Cancel the paid plan: back to free at the next period")
 async def cancel(account_id: str = Depends(current_user), state: AppState = Depends(app_state)) -> dict[str, Any]:
-    return await change_plan(state.rt.meter, state, account_id, "free", f"cancel by {account_id}")
+    return await change_plan(state.rt.meter, state.rt.db, account_id, "free", f"cancel by {account_id}")
