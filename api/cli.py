@@ -121,6 +121,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     f"{os.environ['TOKENMETER_MASTER_KEY']}")
     else:
         key_note = "master key: from TOKENMETER_MASTER_KEY"
+    if not settings.jwt_secret:  # one secret for every worker; user tokens end with this run
+        os.environ["TOKENMETER_JWT_SECRET"] = secrets.token_urlsafe(32)
+        key_note += "\n  user tokens: signed with a per-run secret (set TOKENMETER_JWT_SECRET to keep them valid)"
     redis = settings.redis_url or "embedded in-process Redis (fakeredis with Lua; data lives in this process)"
     print(f"tokenmeter listening on http://{args.host}:{args.port}  (docs: http://{args.host}:{args.port}/docs)")
     print(f"  redis:    {redis}")
