@@ -49,8 +49,15 @@ local function load_account()
   return a
 end
 
-local function touch(a, ...)
-  for _, f in ipairs({...}) do a.dirty[f] = true end
+-- Mark fields for the HSET at commit (fixed arity: no vararg table per call on the hot path).
+local function touch(a, f1, f2, f3, f4, f5, f6)
+  local d = a.dirty
+  d[f1] = true
+  if f2 then d[f2] = true end
+  if f3 then d[f3] = true end
+  if f4 then d[f4] = true end
+  if f5 then d[f5] = true end
+  if f6 then d[f6] = true end
 end
 
 local function available(a) return a.r + a.m + a.b + a.p end
