@@ -254,6 +254,21 @@ local function replay()
   return out
 end
 
+-- The head of every mutating script: an earlier answer (replay or conflict), or the account
+-- after its lazy month/day reset and hold expiry. `max_check` (tokens asked for) is checked
+-- against the plan's per-request maximum before anything is written.
+-- Returns the account, or nil and the reply to return.
+local function begin(max_check)
+  local prior = replay()
+  if prior then return nil, prior end
+  local a = load_account()
+  if not a then return nil, {'no_account'} end
+  if max_check and max_check > a.maxreq then return nil, {'over_max', '0', 0, 0, 0, 0, 0, 0, 0, a.maxreq, 0} end
+  roll_period(a)
+  expire_holds(a, LAZY_HOLDS)
+  return a
+end
+
 -- Do every queued write. `out`, when given, is remembered under the request id for 24 h.
 local function commit(a, out)
   for hid, rec in pairs(HOLD_SET) do

@@ -9,12 +9,8 @@
 
 local bucket = ARGV[7]
 local tokens = tonumber(ARGV[8])
-local prior = replay()
-if prior then return prior end
-local a = load_account()
-if not a then return {'no_account'} end
-roll_period(a)
-expire_holds(a, LAZY_HOLDS)
+local a, early = begin()
+if not a then return early end
 local tr, tm, tb, tp = 0, 0, 0, 0
 if bucket == '*' then
   tr, tm, tb, tp = burn(a, math.min(tokens, available(a)))

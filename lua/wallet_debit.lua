@@ -10,13 +10,8 @@
 -- Cost: O(1): HMGET, GET, at most 8 expired holds, HSET, XADD, SET.
 
 local tokens = tonumber(ARGV[7])
-local prior = replay()
-if prior then return prior end
-local a = load_account()
-if not a then return {'no_account'} end
-if tokens > a.maxreq then return {'over_max', '0', 0, 0, 0, 0, 0, 0, 0, a.maxreq, 0} end
-roll_period(a)
-expire_holds(a, LAZY_HOLDS)
+local a, early = begin(tokens)
+if not a then return early end
 local code, retry = admit(a)
 if code == 'ok' and available(a) < tokens then code = 'insufficient' end
 if code ~= 'ok' then

@@ -9,12 +9,8 @@
 --   daily_limit, monthly delta, 0}; code: ok | no_account | conflict.
 -- Cost: O(1).
 
-local prior = replay()
-if prior then return prior end
-local a = load_account()
-if not a then return {'no_account'} end
-roll_period(a)
-expire_holds(a, LAZY_HOLDS)
+local a, early = begin()
+if not a then return early end
 local spec = table.concat({ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]}, ':')
 local seq, dm = 0, 0
 if ARGV[13] == 'next' then

@@ -7,12 +7,8 @@
 -- Cost: O(1).
 
 local hid = ARGV[7]
-local prior = replay()
-if prior then return prior end
-local a = load_account()
-if not a then return {'no_account'} end
-roll_period(a)
-expire_holds(a, LAZY_HOLDS)
+local a, early = begin()
+if not a then return early end
 local hold = get_hold(hid)
 if not hold then
   commit(a)
