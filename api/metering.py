@@ -8,6 +8,7 @@ import time
 from fastapi.responses import JSONResponse
 
 from meter import Decision
+from meter._clock import DAY_MS
 
 __all__ = ["PACKAGES_URL", "decision_response", "denial_body", "metered_headers"]
 
@@ -40,15 +41,16 @@ def denial_body(d: Decision) -> dict[str, object]:
 
 
 def decision_response(d: Decision, body: dict[str, object], start: float) -> JSONResponse:
+    """200 when allowed, 402 or 429 (with Retry-After) when denied; the RateLimit headers
+    describe the plan's daily window (reset at the next UTC midnight), as the middleware's do."""
     headers = metered_headers(d.remaining, d.tokens_used_today, d.requests_today, start)
+    if d.daily_request_limit:
+        headers["RateLimit-Limit"] = str(d.daily_request_limit)
+        headers["RateLimit-Remaining"] = str(max(d.daily_request_limit - d.requests_today, 0))
+        headers["RateLimit-Reset"] = str(-(-(DAY_MS - time.time_ns() // 1_000_000 % DAY_MS) // 1000))
     if d.allowed:
         return JSONResponse(body, headers=headers)
     if d.reason == "insufficient":
         return JSONResponse({**body, **denial_body(d)}, status_code=402, headers=headers)
-    retry_s = -(-d.retry_after_ms // 1000)
-    headers["Retry-After"] = str(retry_s)
-    if d.daily_request_limit:
-        headers["RateLimit-Limit"] = str(d.daily_request_limit)
-        headers["RateLimit-Remaining"] = str(max(d.daily_request_limit - d.requests_today, 0))
-        headers["RateLimit-Reset"] = str(retry_s)
+    headers["Retry-After"] = str(-(-d.retry_after_ms // 1000))
     return JSONResponse({**body, **denial_body(d)}, status_code=429, headers=headers)

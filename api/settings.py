@@ -39,10 +39,24 @@ class Settings(BaseSettings):
         default=None, description="bootstrap service key with meter+admin scopes (TOKENMETER_MASTER_KEY)")
     api_key_cache_s: float = Field(default=5.0, ge=0, le=300,
                                    description="verified API keys are cached this long; revocation lag")
-    middleware_fail_open: bool = Field(default=False, description="plain rate limiting only, never billing")
     migrate_on_start: bool = True
     promo_max_failures: int = Field(default=5, ge=1, description="failed promo attempts per account per window")
     promo_failure_window_s: int = Field(default=900, ge=1)
+
+    payment_provider: str = Field(default="test", pattern="^(test|razorpay)$",
+                                  description="provider of new purchases: test (built in) or razorpay")
+    test_payment_secret: str | None = Field(
+        default=None, description="HMAC-SHA256 secret of the test provider's signed checkout completion; "
+                                  "unset = derived from the JWT secret (random per start in dev)")
+    razorpay_key_id: str | None = Field(default=None, description="Razorpay API key id (orders, checkout)")
+    razorpay_key_secret: str | None = Field(default=None, description="Razorpay API key secret (orders)")
+    razorpay_webhook_secret: str | None = Field(
+        default=None, description="shared secret of the Razorpay webhook (X-Razorpay-Signature); unset = "
+                                  "the webhook answers 503")
+    razorpay_api_url: str = Field(default="https://api.razorpay.com/v1")
+    purchase_checkout_ttl_s: int = Field(default=1800, ge=60,
+                                         description="a pending purchase expires after this (test checkout "
+                                                     "refuses to complete it)")
 
     @property
     def embedded_redis(self) -> bool:
