@@ -78,11 +78,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    from api.routes import admin, auth, meter, ops, plans, projects, tokens
+    from api.routes import admin, auth, meter, ops, plans, projects, purchases, tokens
 
     app.include_router(ops.router)
     app.include_router(auth.router)
     app.include_router(tokens.router)
+    app.include_router(purchases.router)
     app.include_router(projects.router)
     app.include_router(plans.router)
     app.include_router(meter.router)

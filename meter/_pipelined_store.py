@@ -144,7 +144,7 @@ class PipelinedRedisStore:
         # Off the hot path (flusher, tools, script loading): long reads and blocking commands.
         # A blocking pool: callers beyond max_connections wait for a free connection instead of failing.
         pool = BlockingConnectionPool.from_url(url, decode_responses=True, socket_timeout=side_timeout_ms / 1000,
-                                               socket_connect_timeout=self.connect_timeout,
+                                               socket_connect_timeout=2.0,
                                                max_connections=max_connections, timeout=side_timeout_ms / 1000)
         self.redis = Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
         self._conn: _Connection | None = None

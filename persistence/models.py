@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Account", "ApiKey", "Base", "Project", "PromoCode", "PromoRedemption", "TokenBalance",
+__all__ = ["Account", "ApiKey", "Base", "PaymentEvent", "Project", "PromoCode", "PromoRedemption", "TokenBalance",
            "TokenPurchase", "TokenTransaction", "utcnow"]
 
 # BIGINT everywhere, but SQLite only auto-increments an INTEGER PRIMARY KEY.
@@ -124,9 +124,13 @@ class TokenPurchase(Base):
     provider_order_id: Mapped[str | None] = mapped_column(String(128), unique=True)
     provider_payment_id: Mapped[str | None] = mapped_column(String(128))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
-    refunded_tokens: Mapped[int] = mapped_column(default=0)
+    refunded_tokens: Mapped[int] = mapped_column(default=0)  # taken back from premium by refunds
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     paid_at: Mapped[datetime | None] = mapped_column()
+    # 0003: refunds and the credit (pending -> paid -> refunded; pending -> failed/expired).
+    refunded_paise: Mapped[int] = mapped_column(default=0, server_default="0")  # money refunded so far
+    owed_tokens: Mapped[int] = mapped_column(default=0, server_default="0")  # refunded but already spent
+    credit_transaction_id: Mapped[str | None] = mapped_column(String(160))  # the premium credit's journal id
 
     __table_args__ = (UniqueConstraint("account_id", "idempotency_key", name="uq_purchase_idempotency"),)
 
@@ -168,3 +172,29 @@ class Project(Base):
     description: Mapped[str | None] = mapped_column(String(5000))
     status: Mapped[str] = mapped_column(String(16), default="created")  # created running done stopped
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PaymentEvent(Base):
+    """A verified payment-provider event, recorded once: (provider, event_id) and (provider, kind,
+    object_id) are unique, so a redelivered or replayed event changes nothing."""
+
+    __tablename__ = "payment_events"
+    __table_args__ = (
+        UniqueConstraint("provider", "event_id", name="uq_payment_events_event"),
+        UniqueConstraint("provider", "kind", "object_id", name="uq_payment_events_object"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    event_id: Mapped[str] = mapped_column(String(128))
+    event_type: Mapped[str] = mapped_column(String(64))  # the provider's name, e.g. payment.captured
+    kind: Mapped[str] = mapped_column(String(16))  # paid failed refunded
+    object_id: Mapped[str] = mapped_column(String(128))  # the payment (paid, failed) or refund id
+    order_id: Mapped[str] = mapped_column(String(128))
+    purchase_id: Mapped[str] = mapped_column(String(36), index=True)
+    amount_paise: Mapped[int] = mapped_column()
+    currency: Mapped[str] = mapped_column(String(3))
+    refunded_paise: Mapped[int] = mapped_column(default=0)
+    tokens: Mapped[int] = mapped_column(default=0)  # credited (paid) or taken back (refunded)
+    outcome: Mapped[str] = mapped_column(String(32))  # credited failed refunded expired ignored
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

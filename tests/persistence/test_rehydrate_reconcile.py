@@ -126,4 +126,4 @@ async def test_migrations_up_down_up_and_match_the_models(database: Any) -> None
     async with database.engine.connect() as conn:
         present = await conn.run_sync(tables)
     assert {"accounts", "token_transactions", "token_balances", "promo_codes"} <= present
-    assert await migrate.current_revision(database) == "0002"
+    assert await migrate.current_revision(database) == "0003"
