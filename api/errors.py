@@ -26,8 +26,12 @@ def error_body(error: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": error, "message": message, **details}
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+def _field(error: dict[str, Any]) -> str:
+    """The offending field: `tokens`, `items.0.agent`; `body` for a body that is not valid JSON
+    (whose location is a character offset, not a field)."""
+    if error.get("type") == "json_invalid":
+        return "body"
+    parts = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
 
 
@@ -36,11 +40,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
-        field = _field(tuple(first.get("loc", ())))
+        field = _field(first)
         return JSONResponse(status_code=422, content=error_body(
             "invalid_input", f"{field}: {first.get('msg', 'invalid')}", field=field,
-            errors=[{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "")}
-                    for e in errors]))
+            errors=[{"field": _field(e), "message": e.get("msg", "")} for e in errors]))
 
     @app.exception_handler(InvalidInput)
     async def invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:

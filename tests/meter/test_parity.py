@@ -41,7 +41,17 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from meter import CREDIT_KINDS, Decision, FakeClock, JournalEntry, Meter, Receipt, ReferenceStore
+from meter import (
+    CREDIT_KINDS,
+    Decision,
+    FakeClock,
+    JournalEntry,
+    Meter,
+    Receipt,
+    ReferenceStore,
+    StoreUnavailable,
+    UnknownAccount,
+)
 from meter import keys as keyspace
 from meter._catalog import Catalog, parse_catalog
 from meter._clock import DAY_MS, month_end_ms, month_index
@@ -145,7 +155,17 @@ class ParityMachine(RuleBasedStateMachine):
         if self.backend == "fakeredis":
             return Meter(RedisStore(fakeredis.FakeAsyncRedis(decode_responses=True)), **options)
         assert self.backend == "redis", self.backend
-        return await Meter.connect(REDIS_URL, timeout_ms=2000, **options)
+        meter = await Meter.connect(REDIS_URL, timeout_ms=2000, **options)
+        # Open the hot-path connection now (it gives up after 100 ms, which a busy CI box can
+        # miss): a balance of a missing account writes nothing. A failed connect sent nothing.
+        for attempt in range(5):
+            try:
+                await meter.balance("parity-warmup")
+            except UnknownAccount:
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.1 * (attempt + 1))
+        return meter
 
     def teardown(self) -> None:
         try:
@@ -252,6 +272,21 @@ class ParityMachine(RuleBasedStateMachine):
         self._both("credit", account, tokens, bucket=bucket, kind=kind, note=note, reference=reference,
                    request_id=request_id)
 
+    @rule(account=ACCOUNT_IDS, plan=PLANS, when=st.sampled_from(["now", "next"]),
+          note=st.sampled_from([None, "support"]), request_id=RIDS)
+    def set_plan(self, account: str, plan: str, when: str, note: str | None, request_id: str | None) -> None:
+        """An upgrade now, or a downgrade/cancel at the next period (applied by the lazy reset)."""
+        self._both("set_plan", account, plan, when=when, note=note, request_id=request_id)
+
+    @rule(account=ACCOUNT_IDS, tokens=st.integers(1, 50_000) | SMALL,
+          bucket=st.sampled_from(["bonus", "premium", "any"]), kind=st.sampled_from(CREDIT_KINDS),
+          reference=st.sampled_from([None, "pay_1"]), request_id=RIDS)
+    def adjust(self, account: str, tokens: int, bucket: str, kind: str, reference: str | None,
+               request_id: str | None) -> None:
+        """Take tokens back (never below zero; the rest is reported as owed)."""
+        self._both("adjust", account, tokens, bucket=bucket, kind=kind, reference=reference,
+                   request_id=request_id)
+
     def _reserve(self, account: str, tokens: int, **kwargs: Any) -> tuple[Any, ...]:
         out = self._both("reserve", account, tokens, **kwargs)
         if out[0] == "ok" and out[1].allowed:
@@ -332,7 +367,8 @@ class ParityMachine(RuleBasedStateMachine):
         """The periodic sweeper: maybe time passes to (about) a hold's expiry, then every account
         (opened or not) is swept before anything else touches it."""
         expiries = self._hold_expiries()
-        if expiries and data.draw(st.booleans(), label="move to a hold's expiry"):
+        move: bool = bool(expiries) and data.draw(st.booleans(), label="move to a hold's expiry")
+        if move:
             exp = data.draw(st.sampled_from(expiries), label="expiry")
             delta = data.draw(st.sampled_from([-1, 0, 1]) | st.integers(0, 3_600_000), label="delta")
             self._set_time(max(self.now, exp + delta))
@@ -456,8 +492,6 @@ class ParityMachine(RuleBasedStateMachine):
             holds = dump[ks.holds] or {}
             assert sum(int(x.split(":")[0]) for x in holds.values()) == a["h"], f"{account}: held"
             assert set(holds) == set(dump[ks.hold_expiry] or {}), f"{account}: hold expiry index"
-            if a["dcap"] > 0:
-                assert a["rq"] <= a["dcap"], f"{account}: daily cap passed"
 
     async def _compare(self) -> None:
         await self._compare_stores()
@@ -506,7 +540,9 @@ SETTINGS = settings(
 def test_lua_matches_reference_model(lua_backend: str) -> None:
     stats: Counter[str] = Counter()
     try:
-        run_state_machine_as_test(lambda: ParityMachine(lua_backend, stats), settings=SETTINGS)
+        # a factory is fine (documented), though the annotation says a class
+        run_state_machine_as_test(lambda: ParityMachine(lua_backend, stats),  # type: ignore[arg-type]
+                                  settings=SETTINGS)
     finally:  # what the run exercised: shown with `pytest -rP` (or -s)
         print(f"parity vs {lua_backend}: {EXAMPLES} examples x {STEPS} steps; outcomes seen:")
         for label, n in sorted(stats.items()):
