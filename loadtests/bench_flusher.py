@@ -64,6 +64,17 @@ async def paced_debits(meter: Meter, accounts: list[str], rate: float, seconds: 
     return sent
 
 
+async def _wait_rows(pg_url: str, n: int) -> tuple[int, float]:
+    """Wait until the table holds at least n rows; (rows seen, when)."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        while (count := await conn.fetchval("SELECT count(*) FROM token_transactions")) < n:
+            await asyncio.sleep(0.02)
+        return int(count), time.perf_counter()
+    finally:
+        await conn.close()
+
+
 async def main_async(args: argparse.Namespace) -> None:
     catalog = parse_catalog(BENCH_CATALOG)
     prefix = f"tmbench{uuid.uuid4().hex[:8]}"
@@ -93,10 +104,27 @@ async def main_async(args: argparse.Namespace) -> None:
             for eid, fields in await redis.xrange(keyspace.journal_key(shard, prefix)):
                 rows.append(prepare(fields, eid, catalog)[0])
 
-        start = time.perf_counter()
-        flushed = await flusher.drain()
-        flush_rate = flushed / (time.perf_counter() - start)
-        print(f"flusher draining {flushed:,} entries into Postgres : {flush_rate:10,.0f} rows/s")
+        if args.flushers > 1:  # several flusher processes share the consumer group
+            env = {**os.environ, "REDIS_URL": args.redis_url, "DATABASE_URL": pg_url,
+                   "TOKENMETER_KEY_PREFIX": prefix, "TOKENMETER_FLUSHER_BATCH": str(args.batch),
+                   "TOKENMETER_FLUSHER_BLOCK_MS": "10"}
+            procs = [subprocess.Popen([sys.executable, "-m", "api.cli", "flusher"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for _ in range(args.flushers)]
+            first, start = await _wait_rows(pg_url, 1)  # time from the first committed batch on
+            await _wait_rows(pg_url, len(rows))
+            flush_rate = (len(rows) - first) / (time.perf_counter() - start)
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+                p.wait()
+            flushed = len(rows)
+            label = f"{args.flushers} flusher processes draining {flushed:,} entries"
+        else:
+            start = time.perf_counter()
+            flushed = await flusher.drain()
+            flush_rate = flushed / (time.perf_counter() - start)
+            label = f"flusher draining {flushed:,} entries into Postgres"
+        print(f"{label:47s}: {flush_rate:10,.0f} rows/s")
 
         raw = await asyncpg.connect(pg_url)
         await raw.execute("TRUNCATE token_transactions")
@@ -127,8 +155,8 @@ async def main_async(args: argparse.Namespace) -> None:
         sampler = asyncio.ensure_future(sample())
         sent = await paced_debits(meter, accounts, peak * 0.5, args.load_seconds)
         sampler.cancel()
-        worst = max(s["oldest_unflushed_seconds"] for s in samples)
-        worst_pending = max(s["pending"] for s in samples)
+        worst = max((s["oldest_unflushed_seconds"] for s in samples), default=0.0)
+        worst_pending = max((s["pending"] for s in samples), default=0)
         print(f"at 50% of peak ({peak * 0.5:,.0f}/s, {sent:,} debits over {args.load_seconds:.0f}s): "
               f"flusher lag max {worst * 1000:.0f} ms, max pending {worst_pending:,.0f} entries")
     finally:
@@ -152,6 +180,7 @@ def main() -> None:
     p.add_argument("--accounts", type=int, default=1_000)
     p.add_argument("--batch", type=int, default=2_000)
     p.add_argument("--load-seconds", type=float, default=10.0)
+    p.add_argument("--flushers", type=int, default=1, help="drain with N flusher processes (default: one, in-process)")
     args = p.parse_args()
     try:
         import uvloop
