@@ -3,11 +3,14 @@ for bad input. Bodies: {"error": code, "message": text, ...details}."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meter import (
@@ -19,7 +22,7 @@ from meter import (
     UnknownHold,
 )
 
-__all__ = ["error_body", "install_error_handlers"]
+__all__ = ["error_body", "field_names", "install_error_handlers"]
 
 
 def error_body(error: str, message: str, **details: Any) -> dict[str, Any]:
@@ -35,7 +38,27 @@ def _field(error: dict[str, Any]) -> str:
     return ".".join(parts) or "body"
 
 
+@contextlib.contextmanager
+def field_names(**names: str) -> Iterator[None]:
+    """Report the meter's InvalidInput under the name the HTTP caller used for that field
+    (e.g. the meter's request_id is the Idempotency-Key header)."""
+    try:
+        yield
+    except InvalidInput as exc:
+        if exc.field in names:
+            raise InvalidInput(names[exc.field], exc.message) from exc
+        raise
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DataError)
+    async def unstorable(_: Request, exc: DataError) -> JSONResponse:
+        # A value the database refuses (a NUL character in text, a number out of range): the
+        # request is wrong, not the server. Nothing was written: the transaction rolled back.
+        return JSONResponse(status_code=422, content=error_body(
+            "invalid_input", "a value in the request cannot be stored (out of range, or a NUL character)",
+            field="body"))
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()

@@ -4,14 +4,14 @@ balance is a journal entry naming who made it and why."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Path
 from pydantic import BaseModel, Field
 from sqlalchemy import or_, select
 
 from api.deps import require_scope
-from api.errors import error_body
+from api.errors import error_body, field_names
 from api.routes.plans import change_plan
 from api.security import Principal, hash_api_key, new_api_key
 from api.state import AppState, app_state
@@ -19,6 +19,7 @@ from meter import CREDIT_KINDS
 from persistence.models import Account, ApiKey, PromoCode, utcnow
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+
 admin = require_scope("admin")
 
 
@@ -49,7 +50,8 @@ async def list_keys(_: Principal = Depends(admin), state: AppState = Depends(app
 
 
 @router.delete("/api-keys/{key_id}", summary="Revoke a key (effective within the key cache time)")
-async def revoke_key(key_id: str, _: Principal = Depends(admin), state: AppState = Depends(app_state)
+async def revoke_key(key_id: Annotated[str, Path(pattern=r"^[0-9a-f]{1,32}$")], _: Principal = Depends(admin),
+                     state: AppState = Depends(app_state)
                      ) -> dict[str, Any]:
     async with state.rt.db.sessions() as session, session.begin():
         row = await session.get(ApiKey, key_id)
@@ -72,8 +74,9 @@ async def grant(account_id: str, body: GrantIn, who: Principal = Depends(admin),
                 state: AppState = Depends(app_state)) -> dict[str, Any]:
     if body.kind not in CREDIT_KINDS:
         raise HTTPException(422, detail=error_body("invalid_input", f"kind: one of {list(CREDIT_KINDS)}", field="kind"))
-    r = await state.rt.meter.credit(account_id, body.tokens, bucket=body.bucket, kind=body.kind,
-                                    note=body.reason, reference=f"admin:{who.subject}")
+    with field_names(note="reason"):
+        r = await state.rt.meter.credit(account_id, body.tokens, bucket=body.bucket, kind=body.kind,
+                                        note=body.reason, reference=f"admin:{who.subject}")
     return {"transaction_id": r.transaction_id, "tokens": r.tokens, "remaining_tokens": r.remaining}
 
 
@@ -86,8 +89,9 @@ class AdjustIn(BaseModel):
 @router.post("/accounts/{account_id}/adjustments", summary="Take tokens back (never below zero; the rest is owed)")
 async def adjust(account_id: str, body: AdjustIn, who: Principal = Depends(admin),
                  state: AppState = Depends(app_state)) -> dict[str, Any]:
-    r = await state.rt.meter.adjust(account_id, body.tokens, bucket=body.bucket, kind="adjustment",
-                                    note=body.reason, reference=f"admin:{who.subject}")
+    with field_names(note="reason"):
+        r = await state.rt.meter.adjust(account_id, body.tokens, bucket=body.bucket, kind="adjustment",
+                                        note=body.reason, reference=f"admin:{who.subject}")
     return {"transaction_id": r.transaction_id or None, "taken_tokens": r.tokens, "owed_tokens": r.uncollected,
             "remaining_tokens": r.remaining}
 
@@ -100,8 +104,9 @@ class RefundIn(BaseModel):
 @router.post("/accounts/{account_id}/refunds", summary="Give tokens back to a user (e.g. a failed run)")
 async def refund(account_id: str, body: RefundIn, who: Principal = Depends(admin),
                  state: AppState = Depends(app_state)) -> dict[str, Any]:
-    r = await state.rt.meter.credit(account_id, body.tokens, bucket="bonus", kind="refund", note=body.reason,
-                                    reference=f"admin:{who.subject}")
+    with field_names(note="reason"):
+        r = await state.rt.meter.credit(account_id, body.tokens, bucket="bonus", kind="refund", note=body.reason,
+                                        reference=f"admin:{who.subject}")
     return {"transaction_id": r.transaction_id, "tokens": r.tokens, "remaining_tokens": r.remaining}
 
 
@@ -113,7 +118,9 @@ class PlanIn(BaseModel):
 @router.post("/accounts/{account_id}/plan", summary="Set an account's plan (upgrades now, downgrades next period)")
 async def set_plan(account_id: str, body: PlanIn, who: Principal = Depends(admin),
                    state: AppState = Depends(app_state)) -> dict[str, Any]:
-    return await change_plan(state.rt.meter, state.rt.db, account_id, body.plan, f"admin:{who.subject}: {body.reason}")
+    with field_names(note="reason"):
+        return await change_plan(state.rt.meter, state.rt.db, account_id, body.plan,
+                                 f"admin:{who.subject}: {body.reason}")
 
 
 @router.get("/accounts", summary="List and search accounts (by id or email prefix)")
@@ -134,7 +141,7 @@ class PromoIn(BaseModel):
     bonus_tokens: int = Field(gt=0, lt=2**53, examples=[25_000])
     starts_at: datetime | None = None
     ends_at: datetime | None = None
-    max_redemptions: int | None = Field(default=None, gt=0, description="global cap; none = unlimited")
+    max_redemptions: int | None = Field(default=None, gt=0, lt=2**53, description="global cap; none = unlimited")
     plan: str | None = Field(default=None, max_length=32, description="only accounts on this plan")
 
 
@@ -158,7 +165,8 @@ async def create_promo(body: PromoIn, _: Principal = Depends(admin), state: AppS
 
 
 @router.delete("/promo-codes/{code}", summary="Disable a promo code")
-async def disable_promo(code: str, _: Principal = Depends(admin), state: AppState = Depends(app_state)
+async def disable_promo(code: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
+                        _: Principal = Depends(admin), state: AppState = Depends(app_state)
                         ) -> dict[str, Any]:
     async with state.rt.db.sessions() as session, session.begin():
         row = await session.get(PromoCode, code.upper())

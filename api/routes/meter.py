@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from api.deps import require_scope
+from api.errors import field_names
 from api.metering import decision_response, metered_headers
 from api.state import AppState, app_state
 from meter import Decision
@@ -74,9 +75,10 @@ def _decision_body(d: Decision) -> dict[str, object]:
 async def debit(body: DebitIn, idempotency_key: IdempotencyKey = None,
                 state: AppState = Depends(app_state)) -> JSONResponse:
     start = time.perf_counter()
-    d = await state.rt.meter.debit(body.account_id, body.tokens, agent=body.agent, model=body.model,
-                                   request_id=idempotency_key, input_tokens=body.input_tokens,
-                                   output_tokens=body.output_tokens, project_id=body.project_id)
+    with field_names(request_id="Idempotency-Key"):
+        d = await state.rt.meter.debit(body.account_id, body.tokens, agent=body.agent, model=body.model,
+                                       request_id=idempotency_key, input_tokens=body.input_tokens,
+                                       output_tokens=body.output_tokens, project_id=body.project_id)
     return decision_response(d, _decision_body(d), start)
 
 
@@ -84,8 +86,9 @@ async def debit(body: DebitIn, idempotency_key: IdempotencyKey = None,
 async def reserve(body: ReserveIn, idempotency_key: IdempotencyKey = None,
                   state: AppState = Depends(app_state)) -> JSONResponse:
     start = time.perf_counter()
-    d = await state.rt.meter.reserve(body.account_id, body.tokens, ttl_ms=body.ttl_ms, agent=body.agent,
-                                     model=body.model, request_id=idempotency_key, project_id=body.project_id)
+    with field_names(request_id="Idempotency-Key"):
+        d = await state.rt.meter.reserve(body.account_id, body.tokens, ttl_ms=body.ttl_ms, agent=body.agent,
+                                         model=body.model, request_id=idempotency_key, project_id=body.project_id)
     return decision_response(d, {**_decision_body(d), "hold_id": d.hold_id, "expires_at_ms": d.expires_at_ms},
                              start)
 
@@ -94,10 +97,11 @@ async def reserve(body: ReserveIn, idempotency_key: IdempotencyKey = None,
 async def settle(body: SettleIn, idempotency_key: IdempotencyKey = None,
                  state: AppState = Depends(app_state)) -> JSONResponse:
     start = time.perf_counter()
-    r = await state.rt.meter.settle(body.account_id, body.hold_id, body.actual_tokens, agent=body.agent,
-                                    model=body.model, request_id=idempotency_key,
-                                    input_tokens=body.input_tokens, output_tokens=body.output_tokens,
-                                    project_id=body.project_id)
+    with field_names(request_id="Idempotency-Key"):
+        r = await state.rt.meter.settle(body.account_id, body.hold_id, body.actual_tokens, agent=body.agent,
+                                        model=body.model, request_id=idempotency_key,
+                                        input_tokens=body.input_tokens, output_tokens=body.output_tokens,
+                                        project_id=body.project_id)
     content = {"transaction_id": r.transaction_id, "charged_tokens": r.charged,
                "uncollected_tokens": r.uncollected, "remaining_tokens": r.remaining,
                "reserved_tokens": r.reserved, "replayed": r.replayed}
@@ -108,7 +112,8 @@ async def settle(body: SettleIn, idempotency_key: IdempotencyKey = None,
 async def release(body: ReleaseIn, idempotency_key: IdempotencyKey = None,
                   state: AppState = Depends(app_state)) -> JSONResponse:
     start = time.perf_counter()
-    r = await state.rt.meter.release(body.account_id, body.hold_id, request_id=idempotency_key)
+    with field_names(request_id="Idempotency-Key"):
+        r = await state.rt.meter.release(body.account_id, body.hold_id, request_id=idempotency_key)
     content = {"transaction_id": r.transaction_id, "released_tokens": r.tokens,
                "remaining_tokens": r.remaining, "reserved_tokens": r.reserved, "replayed": r.replayed}
     return JSONResponse(content, headers=metered_headers(r.remaining, None, None, start))

@@ -218,7 +218,7 @@ async def _receive(request: Request, state: AppState, provider: PaymentProvider)
         raise _refuse(400, "invalid_payload", f"{provider.name} webhook: {exc}") from None
     except NotConfigured as exc:
         log.error("%s webhook received but the provider is not configured: %s", provider.name, exc)
-        raise HTTPException(503, headers={"Retry-After": "60"}, detail=error_body(
+        raise HTTPException(404, detail=error_body(
             "provider_not_configured", f"{provider.name} webhooks are not configured on this server")) from None
     if event is None:
         log.info("%s webhook of a type this service ignores, acknowledged", provider.name)

@@ -53,7 +53,7 @@ def _describe(row: TokenTransaction, agents: dict[str, str]) -> str:
 @router.get("/transactions", summary="Transaction history, newest first (cursor pagination)")
 async def transactions(
     account_id: str = Depends(current_user), state: AppState = Depends(app_state),
-    limit: int = Query(50, ge=1, le=500), cursor: int | None = Query(None, ge=1, description="X-Next-Cursor"),
+    limit: int = Query(50, ge=1, le=500), cursor: int | None = Query(None, ge=1, lt=2**63, description="X-Next-Cursor"),
     type: str | None = Query(None, max_length=20, description="usage, settle, purchase, bonus, ..."),
     agent: str | None = Query(None, max_length=64), since: datetime | None = None, until: datetime | None = None,
 ) -> JSONResponse:
