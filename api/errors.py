@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meter import (
@@ -50,14 +50,28 @@ def field_names(**names: str) -> Iterator[None]:
         raise
 
 
+def _is_data_error(exc: DBAPIError) -> bool:
+    """SQLSTATE class 22 (data exception), however the driver wraps it."""
+    if isinstance(exc, DataError):
+        return True
+    for err in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        if str(getattr(err, "sqlstate", "") or "").startswith("22"):
+            return True
+    return False
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(DataError)
-    async def unstorable(_: Request, exc: DataError) -> JSONResponse:
+    async def unstorable(_: Request, exc: Exception) -> JSONResponse:
         # A value the database refuses (a NUL character in text, a number out of range): the
         # request is wrong, not the server. Nothing was written: the transaction rolled back.
+        if isinstance(exc, DBAPIError) and not _is_data_error(exc):
+            raise exc
         return JSONResponse(status_code=422, content=error_body(
             "invalid_input", "a value in the request cannot be stored (out of range, or a NUL character)",
             field="body"))
+
+    app.add_exception_handler(DBAPIError, unstorable)
+    app.add_exception_handler(OverflowError, unstorable)  # SQLite: an integer beyond 64 bits
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
