@@ -48,7 +48,8 @@ class Runtime:
         catalog = load_catalog(settings.catalog) if settings.catalog else default_catalog()
         db = Database(settings.database_url)
         url = settings.redis_url or "fakeredis://"
-        meter = await Meter.connect(url, timeout_ms=settings.redis_timeout_ms, catalog=catalog,
+        meter = await Meter.connect(url, timeout_ms=settings.redis_timeout_ms,
+                                    connect_timeout_ms=settings.redis_connect_timeout_ms, catalog=catalog,
                                     shards=settings.shards, prefix=settings.key_prefix,
                                     hold_ttl_ms=settings.hold_ttl_ms)
         redis: Redis = meter.store.redis  # type: ignore[attr-defined]

@@ -81,12 +81,13 @@ class Meter:
         url: str = "redis://127.0.0.1:6379/0",
         *,
         timeout_ms: int = 250,
+        connect_timeout_ms: int = 100,
         **options: Any,
     ) -> Meter:
         """A Meter on Redis at `url` (redis://, rediss:// or unix://); `fakeredis://` runs an
         in-process Redis with Lua (the embedded default).
 
-        Connecting gives up after 100 ms and a call waits at most `timeout_ms` for Redis: when
+        Connecting gives up after `connect_timeout_ms` (100) and a call waits at most `timeout_ms` for Redis: when
         Redis is down every call raises StoreUnavailable instead of waiting (fail closed).
         """
         store: Store
@@ -99,7 +100,7 @@ class Meter:
         else:
             from meter._pipelined_store import PipelinedRedisStore
 
-            store = PipelinedRedisStore(url, timeout_ms=timeout_ms)
+            store = PipelinedRedisStore(url, timeout_ms=timeout_ms, connect_timeout_ms=connect_timeout_ms)
         return cls(store, **options)
 
     async def close(self) -> None:

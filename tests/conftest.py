@@ -51,7 +51,9 @@ async def _build(backend: str, prefix: str, **options: Any) -> Meter:
         from meter._redis_store import RedisStore
 
         return Meter(RedisStore(fakeredis.FakeAsyncRedis(decode_responses=True)), prefix=prefix, **options)
-    return await Meter.connect(REDIS_URL, prefix=prefix, timeout_ms=2000, **options)
+    # Generous timeouts: a busy CI machine must not turn into StoreUnavailable here (the
+    # fail-closed tests use their own Meter with the production defaults).
+    return await Meter.connect(REDIS_URL, prefix=prefix, timeout_ms=2000, connect_timeout_ms=2000, **options)
 
 
 async def _cleanup(meter: Meter, prefix: str) -> None:

@@ -68,6 +68,8 @@ def make_settings(tmp_path: Any, **overrides: Any) -> Settings:
         "master_key": MASTER_KEY,
         "jwt_secret": "test-jwt-secret-" + uuid.uuid4().hex,
         "flusher_block_ms": 20,
+        "redis_timeout_ms": 2000,
+        "redis_connect_timeout_ms": 2000,
     }
     base.update(overrides)
     return Settings(**base)
