@@ -81,11 +81,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from api.routes import admin, auth, meter, ops, plans, projects, purchases, tokens
 
     app.include_router(ops.router)
+    app.include_router(meter.router)  # the hot path first: routes are matched in order
     app.include_router(auth.router)
     app.include_router(tokens.router)
     app.include_router(purchases.router)
     app.include_router(projects.router)
     app.include_router(plans.router)
-    app.include_router(meter.router)
     app.include_router(admin.router)
     return app

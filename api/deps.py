@@ -11,7 +11,7 @@ from api.security import Principal, hash_api_key, read_token
 from api.state import AppState, app_state
 from persistence.models import ApiKey
 
-__all__ = ["current_user", "require_scope", "service_principal"]
+__all__ = ["authenticate_service", "current_user", "require_scope", "service_principal", "service_with_scope"]
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -41,7 +41,21 @@ async def service_principal(request: Request, authorization: str | None = Header
                             x_api_key: str | None = Header(default=None),
                             state: AppState = Depends(app_state)) -> Principal:
     """The service key in `Authorization: Bearer <key>` or `X-API-Key`."""
-    key = _bearer(authorization) or x_api_key
+    return await authenticate_service(state, _bearer(authorization) or x_api_key)
+
+
+async def service_with_scope(request: Request, scope: str) -> Principal:
+    """The hot path's check, without FastAPI's dependency machinery: the key from the headers,
+    verified (cached), with `scope`."""
+    headers = request.headers
+    principal = await authenticate_service(request.app.state.tm,
+                                           _bearer(headers.get("authorization")) or headers.get("x-api-key"))
+    if scope not in principal.scopes:
+        raise HTTPException(403, detail={"error": "forbidden", "message": f"this key lacks the '{scope}' scope"})
+    return principal
+
+
+async def authenticate_service(state: AppState, key: str | None) -> Principal:
     if not key:
         raise _unauthorized("missing API key")
     master = state.rt.settings.master_key

@@ -28,6 +28,6 @@ class AppState:
                    key_cache=ApiKeyCache(s.api_key_cache_s))
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:  # async: no thread-pool hop per request
     state: AppState = request.app.state.tm
     return state
