@@ -15,9 +15,9 @@ from starlette.types import Message, Receive, Scope, Send
 import api.middleware as middleware_module
 from api.middleware import TokenMeterMiddleware
 from meter import FakeClock, Meter
-from meter._catalog import parse_catalog
 from meter._clock import DAY_MS
 from tests.conftest import MeterFactory
+from tests.meter.test_wallet import catalog_with
 
 pytestmark = pytest.mark.redis
 
@@ -70,18 +70,6 @@ def wrap(meter: Meter, **options: Any) -> tuple[App, TokenMeterMiddleware]:
     inner = App()
     options.setdefault("account", account_header)
     return inner, TokenMeterMiddleware(inner, meter=meter, **options)
-
-
-def catalog_with(**plan: int) -> Any:
-    data = {
-        "inr_paise_per_usd": 8300,
-        "plans": {"t": {"name": "T", "monthly_tokens": 1000, "price_inr_paise": 0, **plan}},
-        "packs": {"p": {"name": "P", "tokens": 10, "price_inr_paise": 1}},
-        "promo_codes": {"X": {"bonus_tokens": 1}},
-        "models": {"m": {"name": "M", "input_usd_micros_per_mtok": 1, "output_usd_micros_per_mtok": 1}},
-        "agents": {"a": {"name": "A", "estimate_tokens": 1, "model": "m"}},
-    }
-    return parse_catalog(data)
 
 
 def closed_port() -> int:
