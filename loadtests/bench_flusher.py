@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -155,6 +156,8 @@ async def main_async(args: argparse.Namespace) -> None:
         sampler = asyncio.ensure_future(sample())
         sent = await paced_debits(meter, accounts, peak * 0.5, args.load_seconds)
         sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
         worst = max((s["oldest_unflushed_seconds"] for s in samples), default=0.0)
         worst_pending = max((s["pending"] for s in samples), default=0)
         print(f"at 50% of peak ({peak * 0.5:,.0f}/s, {sent:,} debits over {args.load_seconds:.0f}s): "

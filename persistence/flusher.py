@@ -60,6 +60,7 @@ class FlusherConfig:
     claim_idle_ms: int = 30_000  # pending this long → its consumer is presumed dead
     claim_every_s: float = 5.0
     max_deliveries: int = 5
+    writers: int = 2  # database transactions in flight at once
     trim_every_s: float = 5.0
     backoff_max_s: float = 5.0
 
@@ -216,16 +217,18 @@ class Flusher:
     # -- writing ---------------------------------------------------------------------------------
 
     async def _process(self, entries: list[Entry]) -> int:
-        """Write entries in batches, preparing batch n+1 while batch n is in the database."""
+        """Write entries in batches, up to `writers` transactions in flight on separate database
+        connections while the next batch is prepared (snapshots are newest-seq-wins and rows are
+        idempotent, so batches may commit in any order)."""
         done = 0
-        inflight: asyncio.Task[int] | None = None
+        inflight: list[asyncio.Task[int]] = []
         for i in range(0, len(entries), self.config.batch):
             batch = await self._prepare(entries[i:i + self.config.batch])
-            if inflight is not None:
-                done += await inflight
-            inflight = asyncio.ensure_future(self._write_batch(*batch))
-        if inflight is not None:
-            done += await inflight
+            if len(inflight) >= self.config.writers:
+                done += await inflight.pop(0)
+            inflight.append(asyncio.ensure_future(self._write_batch(*batch)))
+        for task in inflight:
+            done += await task
         return done
 
     async def _prepare(self, entries: Sequence[Entry]) -> tuple[list[Entry], list[Prepared]]:
