@@ -389,14 +389,21 @@ class ReferenceStore:
             out += [f, str(c.a[f])]
         return out
 
-    def _op_plan(self, c: _Call, args: Sequence[str]) -> list[Any]:
+    def _begin(self, c: _Call) -> tuple[list[Any] | None, int]:
+        """The head of a mutating call (lua: begin()): a replay or conflict, no account, or the
+        account after its lazy resets (with how many holds expired)."""
         prior = self._replay(c)
         if prior is not None:
-            return prior
+            return prior, 0
         if not self._load(c):
-            return ["no_account"]
+            return ["no_account"], 0
         self._roll_period(c)
-        expired = self._expire_holds(c, LAZY_HOLDS)
+        return None, self._expire_holds(c, LAZY_HOLDS)
+
+    def _op_plan(self, c: _Call, args: Sequence[str]) -> list[Any]:
+        early, expired = self._begin(c)
+        if early is not None:
+            return early
         a = c.a
         spec = ":".join(args[0:6])
         dm = 0
@@ -419,13 +426,9 @@ class ReferenceStore:
 
     def _op_adjust(self, c: _Call, args: Sequence[str]) -> list[Any]:
         bucket, tokens = args[0], int(args[1])
-        prior = self._replay(c)
-        if prior is not None:
-            return prior
-        if not self._load(c):
-            return ["no_account"]
-        self._roll_period(c)
-        expired = self._expire_holds(c, LAZY_HOLDS)
+        early, expired = self._begin(c)
+        if early is not None:
+            return early
         a = c.a
         tr = tm = tb = tp = 0
         if bucket == "*":

@@ -853,8 +853,7 @@ def test_signed_payment_events_never_get_a_5xx(live: Live, label: str) -> None:
     currencies, refunds before payment, replays, odd values."""
     known = live.known
     assert known is not None
-    if known.sign is None:
-        pytest.skip("no payment providers in this app")
+    assert known.sign is not None, "the app serves payment providers: their events must be fuzzed"
     findings = Findings()
 
     @settings(FUZZ, max_examples=budget(EXAMPLES, live.database))
