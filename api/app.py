@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from api.errors import install_error_handlers
+from api.fastpath import MeterFastPath
 from api.runtime import Runtime
 from api.settings import Settings
 from api.state import AppState
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(MeterFastPath)  # POST /api/v1/meter/debit without the framework's per-request work
     from api.routes import admin, auth, meter, ops, plans, projects, purchases, tokens
 
     app.include_router(ops.router)

@@ -11,7 +11,9 @@ from api.security import Principal, hash_api_key, read_token
 from api.state import AppState, app_state
 from persistence.models import ApiKey
 
-__all__ = ["authenticate_service", "current_user", "require_scope", "service_principal", "service_with_scope"]
+__all__ = [
+    "authenticate_service", "authorize", "current_user", "require_scope", "service_principal", "service_with_scope",
+]
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -48,8 +50,12 @@ async def service_with_scope(request: Request, scope: str) -> Principal:
     """The hot path's check, without FastAPI's dependency machinery: the key from the headers,
     verified (cached), with `scope`."""
     headers = request.headers
-    principal = await authenticate_service(request.app.state.tm,
-                                           _bearer(headers.get("authorization")) or headers.get("x-api-key"))
+    return await authorize(request.app.state.tm, headers.get("authorization"), headers.get("x-api-key"), scope)
+
+
+async def authorize(state: AppState, authorization: str | None, x_api_key: str | None, scope: str) -> Principal:
+    """The service key of `Authorization: Bearer <key>` (or `X-API-Key`), verified, with `scope`."""
+    principal = await authenticate_service(state, _bearer(authorization) or x_api_key)
     if scope not in principal.scopes:
         raise HTTPException(403, detail={"error": "forbidden", "message": f"this key lacks the '{scope}' scope"})
     return principal

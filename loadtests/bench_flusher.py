@@ -147,17 +147,20 @@ async def main_async(args: argparse.Namespace) -> None:
                                 stdout=subprocess.DEVNULL)
         await asyncio.sleep(1.0)
         samples: list[dict[str, float]] = []
+        sampling = asyncio.Event()
 
         async def sample() -> None:
-            while True:
+            # stopped by an event, not cancel(): a cancel landing inside redis-py's pool
+            # checkout can be swallowed, and the sampler would run on forever
+            while not sampling.is_set():
                 samples.append(await flusher.lag())
-                await asyncio.sleep(0.5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sampling.wait(), 0.5)
 
         sampler = asyncio.ensure_future(sample())
         sent = await paced_debits(meter, accounts, peak * 0.5, args.load_seconds)
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+        sampling.set()
+        await sampler
         worst = max((s["oldest_unflushed_seconds"] for s in samples), default=0.0)
         worst_pending = max((s["pending"] for s in samples), default=0)
         print(f"at 50% of peak ({peak * 0.5:,.0f}/s, {sent:,} debits over {args.load_seconds:.0f}s): "

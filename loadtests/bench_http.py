@@ -6,14 +6,15 @@ Starts the service itself (`python -m loadtests.bench_http --serve ...`, uvicorn
 httptools, access log off) on a free 127.0.0.1 port, on the real Redis (`--redis-url`, default
 redis://127.0.0.1:6379/0) under a unique key prefix, a temporary SQLite database, the in-process
 flusher and a temporary catalog whose plan has no daily cap. The same app also serves
-`POST /bare`: it parses the very same body (`DebitIn`) and returns a fixed JSON of the debit
-response's size, and sits in the route list just before the meter router, so both routes pay the
-same HTTP server, routing scan and body parsing; the difference is the debit route's dependencies
-(service key, app state), the meter call (one Redis script) and its metered response.
+`POST /bare`, a FastAPI route: it parses the very same body (`DebitIn`) and returns a fixed JSON
+of the debit response's size, and sits in the route list just before the meter router. The debit
+itself is served as pure ASGI ahead of the framework (api/fastpath.py), so the run also measures
+`POST /bare-asgi`: the same parse and fixed JSON served the same pure-ASGI way, which isolates
+what the debit adds (service key, the meter call: one Redis script, its metered response).
 
 1. Opens `--accounts` accounts (POST /api/v1/meter/accounts); requests are spread over them.
 2. Peak: `wrk` (Debian package `wrk`) for `--seconds` against /bare, then the debit route, then
-   /bare again (drift), same threads and connections: req/s and the ratio debit / bare.
+   /bare again (drift), then /bare-asgi, same threads and connections: req/s and the ratios.
 3. Latency at 50% of the bare peak: the same wrk with a Lua `delay()` that paces each thread to a
    fixed schedule (an open loop while connections are free): p50/p99 of both routes. If debit
    cannot keep that rate, both routes again at 50% of the debit peak, for a like-for-like p99.
@@ -54,6 +55,7 @@ MASTER_KEY = "tmbench-http-master-key"  # fixed: this server only lives for the 
 SETTINGS_ENV = "TOKENMETER_BENCH_HTTP_SETTINGS"  # JSON of Settings(...) kwargs, for every worker
 DEBIT_PATH = "/api/v1/meter/debit"
 BARE_PATH = "/bare"
+BARE_ASGI_PATH = "/bare-asgi"
 # The debit response's keys with values of the same size: the same size class on the wire.
 BARE_BODY: dict[str, object] = {
     "allowed": True, "remaining_tokens": 999_999_999_876_543, "requests_today": 12_345,
@@ -186,7 +188,32 @@ def bench_app() -> Any:
     at = next((i for i, r in enumerate(routes) if getattr(r, "original_router", None) is meter_router
                or getattr(r, "path", None) == DEBIT_PATH), len(routes))
     routes.insert(at, route)
+    app.add_middleware(_BareAsgi)
     return app
+
+
+class _BareAsgi:
+    """`POST /bare-asgi`: the same body parse and fixed JSON as /bare, served as pure ASGI the
+    way api/fastpath.py serves the debit: what the debit costs beyond the HTTP server itself."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.payload = json.dumps(BARE_BODY, separators=(",", ":")).encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != BARE_ASGI_PATH:
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        DebitIn.model_validate_json(b"".join(chunks))
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.payload))]})
+        await send({"type": "http.response.body", "body": self.payload})
 
 
 async def _prepare(settings_kwargs: dict[str, Any]) -> None:
@@ -444,6 +471,7 @@ def bench(args: argparse.Namespace) -> None:
         debit, debit_cmd = run_wrk(args, tmp, base, DEBIT_PATH, args.seconds, server_pid=pid)
         drained = wait_flushed(redis, prefix) if args.flusher == "inprocess" else "no flusher"
         again, _ = run_wrk(args, tmp, base, BARE_PATH, args.seconds, server_pid=pid)
+        asgi, _ = run_wrk(args, tmp, base, BARE_ASGI_PATH, args.seconds, server_pid=pid)
         print(f"\nload    : {bare_cmd}")
         print(f"          {debit_cmd}")
         print(f"\npeak, {args.seconds} s each, wrk -t{args.threads} -c{args.connections}"
@@ -451,9 +479,12 @@ def bench(args: argparse.Namespace) -> None:
         print(row("bare   POST /bare", bare))
         print(row("debit  POST /api/v1/meter/debit", debit, f"   ({drained} after)"))
         print(row("bare   again (drift)", again))
+        print(row("bare   POST /bare-asgi (pure ASGI)", asgi))
         ratio = debit["rps"] / bare["rps"]
         print(f"  ratio debit / bare: {ratio:.2f}   (against the second bare run: "
               f"{debit['rps'] / again['rps']:.2f})")
+        print(f"  ratio debit / bare pure-ASGI endpoint: {debit['rps'] / asgi['rps']:.2f}   (the debit is "
+              "served as pure ASGI by api/fastpath.py; this is what the meter call itself costs)")
         if bare["cpu_us"] and debit["cpu_us"]:
             print(f"  server CPU per request debit / bare: {debit['cpu_us'] / bare['cpu_us']:.2f}  (CPU time of the "
                   "server process, in-process flusher included: steadier than req/s on a busy machine)")

@@ -3,7 +3,7 @@
 Every call is written into an output buffer that is flushed once per event-loop tick, so
 concurrent calls share one write and one read (auto-batching without a pipeline object).
 Replies arrive in order and resolve their callers' futures straight from `data_received`.
-The packed KEYS of an account are cached. A watchdog fails every waiting call with
+A watchdog fails every waiting call with
 StoreUnavailable when Redis has not answered anything for `timeout_ms` while calls wait: the
 meter fails closed.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any, cast
 
 import hiredis
@@ -28,19 +27,10 @@ from meter._scripts import ScriptRegistry
 __all__ = ["PipelinedRedisStore"]
 
 
-def _bulk(value: str | int | bytes) -> bytes:
-    b = value if isinstance(value, bytes) else str(value).encode()
-    return b"$%d\r\n%s\r\n" % (len(b), b)
-
-
 def pack(*args: str | int | bytes) -> bytes:
-    """One RESP command."""
-    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
-
-
-@lru_cache(maxsize=65_536)
-def _packed_keys(keys: tuple[str, ...]) -> bytes:
-    return _bulk(len(keys)) + b"".join(_bulk(k) for k in keys)
+    """One RESP command, packed by hiredis in C."""
+    packed: bytes = hiredis.pack_command(cast(Any, args))  # its stub types a 1-tuple
+    return packed
 
 
 class _Connection(asyncio.Protocol):
@@ -186,9 +176,7 @@ class PipelinedRedisStore:
             raise StoreUnavailable(f"cannot load script {op}: {exc}") from exc
 
     def _pack(self, op: str, keys: Sequence[str], argv: Sequence[str | int]) -> bytes:
-        sha = self.registry[op].sha
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + len(argv), sha.encode())
-        return head + _packed_keys(tuple(keys)) + b"".join(_bulk(a) for a in argv)
+        return pack("EVALSHA", self.registry[op].sha, len(keys), *keys, *argv)
 
     async def _connect(self) -> _Connection:
         if self._connecting is None:

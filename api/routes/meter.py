@@ -14,9 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from api.deps import service_with_scope
+from api.deps import authorize, service_with_scope
 from api.errors import field_names
-from api.metering import decision_response, metered_headers
+from api.metering import decision_response, metered_headers, observe
 from api.state import AppState
 from meter import Decision
 
@@ -42,11 +42,14 @@ def _doc(model: type[BaseModel], idempotent: bool = True) -> dict[str, Any]:
 async def _begin(request: Request, model: type[M]) -> tuple[AppState, M, str | None]:
     """Authorize (meter scope), then parse and validate the body; 401/403/422 as elsewhere."""
     await service_with_scope(request, "meter")
+    return request.app.state.tm, _parse(model, await request.body()), request.headers.get("idempotency-key")
+
+
+def _parse(model: type[M], raw: bytes) -> M:
     try:
-        body = model.model_validate_json(await request.body())
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    return request.app.state.tm, body, request.headers.get("idempotency-key")
 
 
 class DebitIn(BaseModel):
@@ -89,23 +92,36 @@ class OpenIn(BaseModel):
     plan: str = Field(default="free", max_length=32, examples=["free"])
 
 
-def _decision_body(d: Decision) -> dict[str, object]:
+def decision_body(d: Decision) -> dict[str, object]:
     return {"allowed": d.allowed, "remaining_tokens": d.remaining, "requests_today": d.requests_today,
             "daily_request_limit": d.daily_request_limit, "transaction_id": d.transaction_id,
             "replayed": d.replayed, "reserved_tokens": d.reserved, "tokens_used_today": d.tokens_used_today}
+
+
+async def debit_decision(state: AppState, authorization: str | None, x_api_key: str | None,
+                         idempotency_key: str | None, raw: bytes) -> Decision:
+    """The debit itself, shared by the route below and the pure-ASGI fast path (api/fastpath.py):
+    key with the meter scope (401/403), body (422), one meter call."""
+    await authorize(state, authorization, x_api_key, "meter")
+    body = _parse(DebitIn, raw)
+    with field_names(request_id="Idempotency-Key"):
+        return await state.rt.meter.debit(body.account_id, body.tokens, agent=body.agent, model=body.model,
+                                          request_id=idempotency_key, input_tokens=body.input_tokens,
+                                          output_tokens=body.output_tokens, project_id=body.project_id)
 
 
 @router.post("/debit", summary="May this account spend N tokens now? If so, deduct them.",
              openapi_extra=_doc(DebitIn),
              responses={402: {"description": "insufficient tokens"}, 429: {"description": "daily cap or rate limit"}})
 async def debit(request: Request) -> JSONResponse:
+    """Served by api/fastpath.py in the app; this route documents it and serves it when the
+    fast path is not mounted."""
     start = time.perf_counter()
-    state, body, idempotency_key = await _begin(request, DebitIn)
-    with field_names(request_id="Idempotency-Key"):
-        d = await state.rt.meter.debit(body.account_id, body.tokens, agent=body.agent, model=body.model,
-                                       request_id=idempotency_key, input_tokens=body.input_tokens,
-                                       output_tokens=body.output_tokens, project_id=body.project_id)
-    return decision_response(d, _decision_body(d), start)
+    h = request.headers
+    d = await debit_decision(request.app.state.tm, h.get("authorization"), h.get("x-api-key"),
+                             h.get("idempotency-key"), await request.body())
+    observe("debit", d.reason, start)
+    return decision_response(d, decision_body(d), start)
 
 
 @router.post("/reserve", summary="Hold tokens for a call whose cost is known afterwards",
@@ -116,7 +132,8 @@ async def reserve(request: Request) -> JSONResponse:
     with field_names(request_id="Idempotency-Key"):
         d = await state.rt.meter.reserve(body.account_id, body.tokens, ttl_ms=body.ttl_ms, agent=body.agent,
                                          model=body.model, request_id=idempotency_key, project_id=body.project_id)
-    return decision_response(d, {**_decision_body(d), "hold_id": d.hold_id, "expires_at_ms": d.expires_at_ms},
+    observe("reserve", d.reason, start)
+    return decision_response(d, {**decision_body(d), "hold_id": d.hold_id, "expires_at_ms": d.expires_at_ms},
                              start)
 
 
@@ -132,6 +149,7 @@ async def settle(request: Request) -> JSONResponse:
     content = {"transaction_id": r.transaction_id, "charged_tokens": r.charged,
                "uncollected_tokens": r.uncollected, "remaining_tokens": r.remaining,
                "reserved_tokens": r.reserved, "replayed": r.replayed}
+    observe("settle", "ok", start)
     return JSONResponse(content, headers=metered_headers(r.remaining, None, None, start))
 
 
@@ -143,6 +161,7 @@ async def release(request: Request) -> JSONResponse:
         r = await state.rt.meter.release(body.account_id, body.hold_id, request_id=idempotency_key)
     content = {"transaction_id": r.transaction_id, "released_tokens": r.tokens,
                "remaining_tokens": r.remaining, "reserved_tokens": r.reserved, "replayed": r.replayed}
+    observe("release", "ok", start)
     return JSONResponse(content, headers=metered_headers(r.remaining, None, None, start))
 
 

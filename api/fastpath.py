@@ -1,0 +1,124 @@
+"""The gateways' hot path as pure ASGI: `POST /api/v1/meter/debit` answered before Starlette's
+routing, request objects, dependency solving and response classes.
+
+Mounted by `create_app` as the app's outermost middleware. It runs the very same code as the
+FastAPI route (`api.routes.meter.debit_decision`: key and scope, body validation, one meter
+call) and sends the same status, body and headers; every error is rendered by the app's own
+exception handlers, so a 401, 422, 404, 409 or 503 is the route's to the byte. Every other
+request, and anything that is not a plain POST to the debit path, goes to the app untouched.
+The route stays registered: it documents the endpoint in the OpenAPI schema and serves it
+wherever this layer is not mounted.
+
+Why: on a small box the framework's per-request work was worth more than the meter call itself
+(see README, "Performance"); here the debit costs header lookups, one pydantic parse, the meter
+call and two ASGI messages.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import error_body
+from api.metering import decision_parts, observe
+from api.routes.meter import debit_decision, decision_body
+
+__all__ = ["DEBIT_PATH", "MAX_BODY_BYTES", "MeterFastPath"]
+
+DEBIT_PATH = "/api/v1/meter/debit"
+MAX_BODY_BYTES = 16_384  # a debit body is a few hundred bytes; its text fields are capped far below this
+_AUTHORIZATION = b"authorization"
+_API_KEY = b"x-api-key"
+_IDEMPOTENCY_KEY = b"idempotency-key"
+_JSON = (b"content-type", b"application/json")
+
+
+class MeterFastPath:
+    """Serves the debit endpoint directly; passes everything else to `app`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != DEBIT_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        authorization = api_key = idempotency_key = None
+        for name, value in scope["headers"]:  # the first of a repeated header wins, as in Starlette
+            if name == _AUTHORIZATION:
+                authorization = authorization or value.decode("latin-1")
+            elif name == _API_KEY:
+                api_key = api_key or value.decode("latin-1")
+            elif name == _IDEMPOTENCY_KEY:
+                idempotency_key = idempotency_key or value.decode("latin-1")
+        raw = await _body(receive)
+        if raw is None:  # the client went away before sending its body: nobody to answer
+            return
+        if len(raw) > MAX_BODY_BYTES:
+            await _send_json(send, 413, error_body(
+                "payload_too_large", f"a debit body is at most {MAX_BODY_BYTES} bytes", field="body"), {})
+            observe("debit", "payload_too_large", start)
+            return
+        app = scope["app"]  # the Starlette/FastAPI app this middleware belongs to
+        try:
+            d = await debit_decision(app.state.tm, authorization, api_key, idempotency_key, raw)
+        except Exception as exc:
+            response = await _handled(app, scope, exc)
+            observe("debit", _error_code(response), start)
+            await response(scope, receive, send)
+            return
+        status, content, headers = decision_parts(d, decision_body(d), start)
+        observe("debit", d.reason, start)
+        await _send_json(send, status, content, headers)
+
+
+async def _send_json(send: Send, status: int, content: dict[str, object], headers: dict[str, str]) -> None:
+    payload = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        _JSON, (b"content-length", b"%d" % len(payload)),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def _body(receive: Receive) -> bytes | None:
+    """The request body; reading stops once it is past MAX_BODY_BYTES (the rest is not buffered)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        chunks.append(chunk)
+        if not message.get("more_body", False) or size > MAX_BODY_BYTES:
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _handled(app: Any, scope: Scope, exc: Exception) -> Response:
+    """The response the app's exception handlers give for `exc` (re-raised when none applies,
+    exactly as Starlette's ExceptionMiddleware would)."""
+    handlers = app.exception_handlers
+    for cls in type(exc).__mro__:
+        handler = handlers.get(cls)
+        if handler is not None:
+            response = handler(Request(scope), exc)
+            if inspect.isawaitable(response):
+                response = await response
+            return response  # type: ignore[no-any-return]
+    raise exc
+
+
+def _error_code(response: Response) -> str:
+    """The `error` word of our JSON error bodies, for the outcome label."""
+    try:
+        return str(json.loads(response.body).get("error", response.status_code))
+    except (ValueError, AttributeError):
+        return str(response.status_code)

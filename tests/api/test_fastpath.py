@@ -1,0 +1,150 @@
+"""The pure-ASGI debit fast path (api/fastpath.py) answers exactly as the FastAPI route does.
+
+Each case runs twice, on two identically prepared accounts: once through the app (where the
+fast path serves POST /api/v1/meter/debit) and once through the same app built without the
+fast path (the route serves it), sharing the running app's state. Status, body and headers
+must match (account ids swapped, X-Process-Time and the RateLimit reset second left out)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from api.app import create_app
+from api.fastpath import DEBIT_PATH, MAX_BODY_BYTES, MeterFastPath
+from tests.api.conftest import Api
+
+VARYING = {"x-process-time", "ratelimit-reset", "date", "server"}
+
+
+@pytest.fixture
+async def route_only(api: Api) -> AsyncIterator[httpx.AsyncClient]:
+    """The same app without the fast path, on the running app's state."""
+    app = create_app(api.settings)
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not MeterFastPath]
+    app.state.tm = api.state
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://route.test") as client:
+        yield client
+
+
+def _normal(r: httpx.Response, account: str) -> tuple[int, Any, dict[str, str]]:
+    body = r.text.replace(account, "ACCOUNT")
+    headers = {k: v for k, v in r.headers.items() if k not in VARYING}
+    return r.status_code, body, headers
+
+
+async def _both(api: Api, route: httpx.AsyncClient, make: Any, fast_acct: str, route_acct: str) -> tuple[Any, Any]:
+    fast = await api.client.post(DEBIT_PATH, **make(fast_acct))
+    slow = await route.post(DEBIT_PATH, **make(route_acct))
+    return _normal(fast, fast_acct), _normal(slow, route_acct)
+
+
+async def test_fast_path_answers_as_the_route(api: Api, route_only: httpx.AsyncClient) -> None:
+    svc = api.service()
+    r = await api.client.post("/api/v1/admin/api-keys", json={"name": "adm", "scopes": ["admin"]}, headers=svc)
+    admin_only = {"Authorization": f"Bearer {r.json()['key']}"}
+    tag = uuid.uuid4().hex[:6]
+    fast_acct, route_acct = f"fp-{tag}-a", f"fp-{tag}-b"
+    for acct in (fast_acct, route_acct):
+        r = await api.client.post("/api/v1/meter/accounts", json={"account_id": acct}, headers=svc)
+        assert r.status_code == 201
+    idem = {**svc, "Idempotency-Key": f"k-{tag}"}
+    cases = [
+        ("allowed", lambda a: {"json": {"account_id": a, "tokens": 120, "agent": "code", "model": "sonnet",
+                                        "input_tokens": 20, "output_tokens": 100}, "headers": svc}),
+        ("idempotent first", lambda a: {"json": {"account_id": a, "tokens": 7}, "headers": {
+            **idem, "Idempotency-Key": f"{idem['Idempotency-Key']}-{a}"}}),
+        ("idempotent replay", lambda a: {"json": {"account_id": a, "tokens": 7}, "headers": {
+            **idem, "Idempotency-Key": f"{idem['Idempotency-Key']}-{a}"}}),
+        ("idempotency conflict", lambda a: {"json": {"account_id": a, "tokens": 8}, "headers": {
+            **idem, "Idempotency-Key": f"{idem['Idempotency-Key']}-{a}"}}),
+        ("X-API-Key header", lambda a: {"json": {"account_id": a, "tokens": 1},
+                                        "headers": {"X-API-Key": svc["Authorization"][7:]}}),
+        ("no key", lambda a: {"json": {"account_id": a, "tokens": 1}}),
+        ("unknown key", lambda a: {"json": {"account_id": a, "tokens": 1},
+                                   "headers": {"Authorization": "Bearer tmk_nope_nope"}}),
+        ("admin-only key", lambda a: {"json": {"account_id": a, "tokens": 1}, "headers": admin_only}),
+        ("tokens 0", lambda a: {"json": {"account_id": a, "tokens": 0}, "headers": svc}),
+        ("over the per-request maximum", lambda a: {"json": {"account_id": a, "tokens": 9_000}, "headers": svc}),
+        ("not JSON", lambda a: {"content": b"{" + a.encode(), "headers": svc}),
+        ("missing field", lambda a: {"json": {"account_id": a}, "headers": svc}),
+        ("unknown model", lambda a: {"json": {"account_id": a, "tokens": 1, "model": "gpt-9"}, "headers": svc}),
+        ("empty Idempotency-Key", lambda a: {"json": {"account_id": a, "tokens": 1},
+                                             "headers": {**svc, "Idempotency-Key": ""}}),
+        ("unknown account", lambda a: {"json": {"account_id": f"{a}-nobody", "tokens": 1}, "headers": svc}),
+        ("drain", lambda a: {"json": {"account_id": a, "tokens": 8_000}, "headers": svc}),
+        ("insufficient", lambda a: {"json": {"account_id": a, "tokens": 8_000}, "headers": svc}),
+    ]
+    statuses = []
+    for name, make in cases:
+        fast, slow = await _both(api, route_only, make, fast_acct, route_acct)
+        assert fast == slow, name
+        statuses.append(fast[0])
+    # the cases did reach every answer the endpoint has (else the comparison proves little)
+    assert statuses == [200, 200, 200, 409, 200, 401, 401, 403, 422, 422, 422, 422, 422, 422, 404, 200, 402]
+
+
+async def test_fast_path_serves_the_debit_without_the_app(api: Api) -> None:
+    """Only the debit: the wrapped app is never called for it, and is called for the rest."""
+    acct = f"fp-{uuid.uuid4().hex[:6]}"
+    assert (await api.client.post("/api/v1/meter/accounts", json={"account_id": acct},
+                                  headers=api.service())).status_code == 201
+    passed: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        passed.append(f"{scope['method']} {scope['path']}")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    fast = MeterFastPath(inner)
+
+    async def with_app(scope: Any, receive: Any, send: Any) -> None:
+        scope["app"] = api.app  # what Starlette sets before its middleware runs
+        await fast(scope, receive, send)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=with_app), base_url="http://t") as client:
+        r = await client.post(DEBIT_PATH, json={"account_id": acct, "tokens": 5}, headers=api.service())
+        assert r.status_code == 200 and r.json()["allowed"] is True and r.json()["remaining_tokens"] == 9_995
+        assert r.headers["x-tokens-remaining"] == "9995" and float(r.headers["x-process-time"]) >= 0
+        assert passed == []
+        assert (await client.get(DEBIT_PATH)).status_code == 204
+        assert (await client.post(DEBIT_PATH + "/x", json={})).status_code == 204
+        assert (await client.post("/api/v1/meter/reserve", json={})).status_code == 204
+    assert passed == [f"GET {DEBIT_PATH}", f"POST {DEBIT_PATH}/x", "POST /api/v1/meter/reserve"]
+
+
+async def test_decisions_are_counted_by_outcome(api: Api) -> None:
+    acct = f"fp-{uuid.uuid4().hex[:6]}"
+    await api.client.post("/api/v1/meter/accounts", json={"account_id": acct}, headers=api.service())
+
+    def count(outcome: str) -> float:
+        text = metrics_text
+        line = f'tokenmeter_decisions_total{{op="debit",outcome="{outcome}"}} '
+        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+
+    metrics_text = (await api.client.get("/metrics")).text
+    before = {o: count(o) for o in ("ok", "insufficient", "invalid_input")}
+    for tokens in (5_000, 5_000, 5_000, 0):  # ok, ok, insufficient (10,000 on the free plan), 422
+        await api.client.post(DEBIT_PATH, json={"account_id": acct, "tokens": tokens}, headers=api.service())
+    metrics_text = (await api.client.get("/metrics")).text
+    assert count("ok") - before["ok"] == 2
+    assert count("insufficient") - before["insufficient"] == 1
+    assert count("invalid_input") - before["invalid_input"] == 1
+    assert 'tokenmeter_decision_seconds_bucket{le="0.001",op="debit"}' in metrics_text
+
+
+async def test_an_oversized_body_is_refused_without_a_charge(api: Api) -> None:
+    acct = f"fp-{uuid.uuid4().hex[:6]}"
+    await api.client.post("/api/v1/meter/accounts", json={"account_id": acct}, headers=api.service())
+    padded = b'{"account_id": "%s", "tokens": 5, "agent": null' % acct.encode() + b" " * MAX_BODY_BYTES + b"}"
+    r = await api.client.post(DEBIT_PATH, content=padded, headers={**api.service(), "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large" and r.json()["field"] == "body"
+    r = await api.client.get(f"/api/v1/meter/accounts/{acct}/balance", headers=api.service())
+    assert r.json()["remaining_tokens"] == 10_000
+    small = padded.replace(b" " * MAX_BODY_BYTES, b" " * 100)
+    r = await api.client.post(DEBIT_PATH, content=small, headers={**api.service(), "Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["remaining_tokens"] == 9_995
