@@ -11,11 +11,11 @@ from sqlalchemy import func, select, text
 
 from meter import Meter
 from meter import keys as keyspace
-from persistence.flusher import Flusher, FlusherConfig
+from persistence.flusher import Flusher, FlusherConfig, _entries
 from persistence.ledger import LedgerWriter
 from persistence.models import TokenBalance, TokenTransaction
 from persistence.reconcile import reconcile
-from tests.conftest import MeterFactory, journal_of
+from tests.conftest import LUA_BACKENDS, MeterFactory, journal_of
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.usefixtures("real_redis")]
 
@@ -42,8 +42,9 @@ async def rows(db: Any) -> list[Any]:
         return list((await s.execute(select(TokenTransaction).order_by(TokenTransaction.id))).scalars())
 
 
-async def test_every_entry_once_with_costs_and_snapshots(make_meter: MeterFactory, database: Any) -> None:
-    meter = await make_meter("redis")
+@pytest.mark.parametrize("backend", LUA_BACKENDS)
+async def test_every_entry_once_with_costs_and_snapshots(make_meter: MeterFactory, database: Any, backend: str) -> None:
+    meter = await make_meter(backend)
     await traffic(meter)
     journal = [e for i in range(5) for e in await journal_of(meter, f"acct-{i}")]
     flusher = make_flusher(meter, database)
@@ -223,3 +224,13 @@ async def test_database_outage_hot_path_keeps_working_nothing_lost(make_meter: M
         await gate.stop()
         await db.close()
         await direct.close()
+
+
+def test_raw_stream_replies_of_both_protocols() -> None:
+    """XREADGROUP replies are parsed from Redis's own shapes: a RESP3 map or a RESP2 list; an
+    entry deleted while pending ([id, nil]) is skipped."""
+    entries = [["1-0", ["t", "usage", "a", "x"]], ["2-0", None], ["3-0", ["t", "grant"]]]
+    want = [("s", "1-0", {"t": "usage", "a": "x"}), ("s", "3-0", {"t": "grant"})]
+    assert _entries({"s": entries}) == want
+    assert _entries([["s", entries]]) == want
+    assert _entries(None) == [] and _entries({}) == []
