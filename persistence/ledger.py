@@ -2,7 +2,8 @@
 
 Postgres: COPY straight into the table under a savepoint (the common case: a new batch); if
 any row is already stored, the savepoint is rolled back and the batch is COPYed into a
-temporary staging table, then INSERT ... SELECT ... ON CONFLICT (transaction_id) DO NOTHING.
+temporary staging table, then INSERT ... SELECT ... ON CONFLICT (account_id, seq) DO NOTHING
+(the table's key: the transaction id "<account>:<seq>" is the same identity).
 SQLite: executemany INSERT ... ON CONFLICT DO NOTHING. In the same transaction each account's
 `token_balances` snapshot moves to its newest entry's state (the newest `seq` wins, so batches
 may commit in any order and replays change nothing).
@@ -17,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 import asyncpg
-from sqlalchemy import text
+from sqlalchemy import text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -163,10 +164,9 @@ class LedgerWriter:
 
     async def _write_insert(self, rows: list[Row], snaps: list[dict[str, Any]]) -> WriteResult:
         ins = (pg_insert if self.db.is_postgres else sqlite_insert)(TokenTransaction)
-        stmt = ins.on_conflict_do_nothing(index_elements=["transaction_id"])
+        stmt = ins.on_conflict_do_nothing(index_elements=["account_id", "seq"])
         async with self.db.engine.begin() as conn:
-            ids = [r[0] for r in rows]
-            existing = await self._existing(conn, ids)
+            existing = await self._existing(conn, rows)
             fresh = [dict(zip(TX_COLUMNS, r, strict=True)) for r in rows if r[0] not in existing]
             if fresh:
                 await conn.execute(stmt, fresh)
@@ -175,12 +175,14 @@ class LedgerWriter:
         return WriteResult(len(fresh), len(rows) - len(fresh), forks)
 
     @staticmethod
-    async def _existing(conn: Any, ids: list[str]) -> dict[str, str]:
+    async def _existing(conn: Any, rows: list[Row]) -> dict[str, str]:
+        """transaction id → stream id of the rows already stored (looked up by the key)."""
         found: dict[str, str] = {}
         tx = TokenTransaction.__table__
-        for i in range(0, len(ids), 500):
+        for i in range(0, len(rows), 400):
+            keys = [(r[1], r[2]) for r in rows[i:i + 400]]
             q = tx.select().with_only_columns(tx.c.transaction_id, tx.c.stream_id).where(
-                tx.c.transaction_id.in_(ids[i:i + 500]))
+                tuple_(tx.c.account_id, tx.c.seq).in_(keys))
             found.update({a: b for a, b in (await conn.execute(q)).all()})
         return found
 
@@ -210,12 +212,12 @@ class LedgerWriter:
                     await raw.copy_records_to_table("tm_stage", records=rows, columns=list(TX_COLUMNS))
                     status = await raw.execute(
                         f"INSERT INTO token_transactions ({cols}) SELECT {cols} FROM tm_stage "
-                        "ON CONFLICT (transaction_id) DO NOTHING")
+                        "ON CONFLICT (account_id, seq) DO NOTHING")
                     inserted = int(status.rsplit(" ", 1)[1])
                     if inserted < len(rows):
                         forks = [r[0] for r in await raw.fetch(
                             "SELECT s.transaction_id FROM tm_stage s JOIN token_transactions t "
-                            "USING (transaction_id) WHERE t.stream_id <> s.stream_id")]
+                            "USING (account_id, seq) WHERE t.stream_id <> s.stream_id")]
                 await raw.copy_records_to_table("tm_snap_stage", columns=snap_cols,
                                                 records=[tuple(s[c] for c in snap_cols) for s in snaps])
                 await raw.execute(

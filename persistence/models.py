@@ -72,19 +72,18 @@ class TokenBalance(Base):
 
 
 class TokenTransaction(Base):
-    """One journal entry: every change to a balance, exactly once (unique transaction_id)."""
+    """One journal entry: every change to a balance, exactly once. Keyed by (account_id, seq),
+    the journal's own identity; the key also serves an account's history in order."""
 
     __tablename__ = "token_transactions"
     __table_args__ = (
-        Index("ix_token_transactions_account_time", "account_id", "created_at"),
         Index("ix_token_transactions_account_agent", "account_id", "agent_type", "created_at"),
         Index("ix_token_transactions_model_time", "model_used", "created_at"),
     )
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    transaction_id: Mapped[str] = mapped_column(String(160), unique=True)  # "<account>:<seq>"
-    account_id: Mapped[str] = mapped_column(String(128))
-    seq: Mapped[int] = mapped_column()
+    account_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    transaction_id: Mapped[str] = mapped_column(String(160))  # "<account>:<seq>", the same identity as text
     stream_id: Mapped[str] = mapped_column(String(40))  # the Redis stream entry it came from
     transaction_type: Mapped[str] = mapped_column(String(20))
     tokens_before: Mapped[int] = mapped_column()  # available (rollover + monthly + bonus + premium)

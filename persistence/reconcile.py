@@ -100,9 +100,8 @@ async def _check_shard(redis: Redis, db: Database, shard: int, accounts: list[st
                 entries = [e for e in pending.get(account_id, []) if e.seq <= seq]
                 stored = set()
                 if entries:
-                    ids = [e.transaction_id for e in entries]
-                    stored = set((await conn.execute(
-                        select(tx.c.transaction_id).where(tx.c.transaction_id.in_(ids)))).scalars())
+                    stored = set((await conn.execute(select(tx.c.transaction_id).where(
+                        tx.c.account_id == account_id, tx.c.seq.in_([e.seq for e in entries])))).scalars())
                 unflushed = [e for e in entries if e.transaction_id not in stored]
                 redis_total = sum(int(x or 0) for x in state[:5]) if in_redis else None
                 ledger = stored_total + sum(e.delta for e in unflushed)

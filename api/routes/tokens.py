@@ -58,9 +58,9 @@ async def transactions(
     agent: str | None = Query(None, max_length=64), since: datetime | None = None, until: datetime | None = None,
 ) -> JSONResponse:
     tx = TokenTransaction
-    q = select(tx).where(tx.account_id == account_id).order_by(tx.id.desc()).limit(limit + 1)
-    if cursor is not None:
-        q = q.where(tx.id < cursor)
+    q = select(tx).where(tx.account_id == account_id).order_by(tx.seq.desc()).limit(limit + 1)
+    if cursor is not None:  # the account's journal sequence: newest first, served by the table's key
+        q = q.where(tx.seq < cursor)
     if type:
         q = q.where(tx.transaction_type == type)
     if agent:
@@ -83,7 +83,7 @@ async def transactions(
               "estimated_cost_usd_micros": r.estimated_cost_usd_micros,
               "estimated_cost_inr_paise": r.estimated_cost_inr_paise, "project_id": r.project_id}
              for r in rows[:limit]]
-    headers = {"X-Next-Cursor": str(rows[limit - 1].id)} if len(rows) > limit else {}
+    headers = {"X-Next-Cursor": str(rows[limit - 1].seq)} if len(rows) > limit else {}
     return JSONResponse(items, headers=headers)
 
 

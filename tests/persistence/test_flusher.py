@@ -39,7 +39,8 @@ async def traffic(meter: Meter, accounts: int = 5) -> None:
 
 async def rows(db: Any) -> list[Any]:
     async with db.sessions() as s:
-        return list((await s.execute(select(TokenTransaction).order_by(TokenTransaction.id))).scalars())
+        q = select(TokenTransaction).order_by(TokenTransaction.account_id, TokenTransaction.seq)
+        return list((await s.execute(q)).scalars())
 
 
 @pytest.mark.parametrize("backend", LUA_BACKENDS)

@@ -6,12 +6,14 @@ import asyncio
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from meter import keys as keyspace
 from persistence import migrate
@@ -21,6 +23,8 @@ from persistence.reconcile import format_report, reconcile
 from persistence.rehydrate import SnapshotLoader, rehydrate_all
 from tests.conftest import MeterFactory, journal_of
 from tests.persistence.test_flusher import make_flusher
+
+HEAD = "0004"
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.usefixtures("real_redis")]
 
@@ -126,4 +130,37 @@ async def test_migrations_up_down_up_and_match_the_models(database: Any) -> None
     async with database.engine.connect() as conn:
         present = await conn.run_sync(tables)
     assert {"accounts", "token_transactions", "token_balances", "promo_codes"} <= present
-    assert await migrate.current_revision(database) == "0003"
+    assert await migrate.current_revision(database) == HEAD
+
+
+async def test_the_transactions_key_migration_keeps_every_row(database: Any) -> None:
+    """0004 re-keys token_transactions by (account_id, seq): rows survive up and down, and
+    afterwards a duplicate (account, seq) is refused by the key."""
+    cols = ("transaction_id, account_id, seq, stream_id, transaction_type, tokens_before, tokens_changed, "
+            "tokens_after, held_changed, held_after, rollover_delta, monthly_delta, bonus_delta, premium_delta, "
+            "agent_type, estimated_cost_usd_micros, estimated_cost_inr_paise, created_at")
+    rows = [{"t": f"m{i % 3}:{i}", "a": f"m{i % 3}", "s": i, "x": f"{i}-0", "ag": "code" if i % 2 else None,
+             "at": datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=i)} for i in range(1, 31)]
+    insert = text(f"INSERT INTO token_transactions ({cols}) VALUES (:t, :a, :s, :x, 'usage', 100, -1, 99, 0, 0, "
+                  "0, -1, 0, 0, :ag, 3, 25, :at)")
+
+    async def stored() -> list[tuple[Any, ...]]:
+        async with database.engine.connect() as conn:
+            return [tuple(r) for r in (await conn.execute(text(
+                "SELECT transaction_id, account_id, seq, stream_id, agent_type FROM token_transactions "
+                "ORDER BY account_id, seq"))).all()]
+
+    await migrate.downgrade(database, "0003")
+    async with database.engine.begin() as conn:
+        await conn.execute(insert, rows)
+    before = await stored()
+    assert len(before) == 30
+    await migrate.upgrade(database)
+    assert await stored() == before
+    with pytest.raises(IntegrityError):
+        async with database.engine.begin() as conn:
+            await conn.execute(insert, [{**rows[0], "t": "other", "x": "99-0"}])
+    await migrate.downgrade(database, "0003")
+    assert await stored() == before
+    await migrate.upgrade(database)
+    assert await stored() == before
