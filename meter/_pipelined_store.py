@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from meter._errors import MeterError, StoreUnavailable
 from meter._scripts import ScriptRegistry
@@ -167,13 +168,22 @@ class PipelinedRedisStore:
         """SCRIPT LOAD once for all the calls that met NOSCRIPT at the same time."""
         loading = self._loading.get(op)
         if loading is None:
-            loading = asyncio.ensure_future(self.redis.script_load(self.registry[op].text))
+            loading = asyncio.ensure_future(self._script_load(op))
             self._loading[op] = loading
             loading.add_done_callback(lambda _: self._loading.pop(op, None))
         try:
             await asyncio.shield(loading)
         except Exception as exc:
             raise StoreUnavailable(f"cannot load script {op}: {exc}") from exc
+
+    async def _script_load(self, op: str) -> str:
+        """SCRIPT LOAD, tried twice: NOSCRIPT usually means Redis restarted, and then the side
+        pool's first connection is a stale one from before (loading a script is idempotent)."""
+        try:
+            sha: str = await self.redis.script_load(self.registry[op].text)
+        except RedisConnectionError:
+            sha = await self.redis.script_load(self.registry[op].text)
+        return sha
 
     def _pack(self, op: str, keys: Sequence[str], argv: Sequence[str | int]) -> bytes:
         return pack("EVALSHA", self.registry[op].sha, len(keys), *keys, *argv)

@@ -131,6 +131,9 @@ class Flusher:
                 await _sleep_or_stop(stop, delay)
                 delay = min(delay * 2, self.config.backoff_max_s)
                 self._ready = False
+                # Entries read (or written) but not acknowledged before the outage are still
+                # pending on this consumer: read them again first (rows are idempotent).
+                self._own_pending_done = False
         await self._finish()
 
     async def _finish(self) -> None:
