@@ -32,6 +32,7 @@ local FIELDS = {'plan', 'allow', 'dcap', 'rpm', 'maxreq', 'rpct', 'r', 'm', 'b',
 local TEXT = {plan = true, np = true}  -- np: a plan change due at the next period, 'id:allow:dcap:rpm:max:pct'
 
 local function fmt(n) return string.format('%d', n) end
+local NOW_S = fmt(NOW)
 
 -- queued writes
 local JOURNAL = {}
@@ -63,14 +64,17 @@ end
 local function available(a) return a.r + a.m + a.b + a.p end
 
 -- Append one journal entry (written at commit). Call it after mutating the buckets and
--- counters, so that 'av', 'hd' and the state 'st' (plan:period:r:m:b:p:h:used:requests, what a
--- snapshot needs) are those after this change.
+-- counters: the state 'st' (plan:period:r:m:b:p:h:used:requests, what a snapshot needs, and
+-- the available and held balances after this change) is the one after it.
+-- Fields: 't' kind, 'a' account, 'n' = seq:ts_ms:rollover:monthly:bonus:premium:held (the
+-- deltas), 'st', then the optional ones (rq request id, ag, mo, in, ou, pj, hl, nt, rf). Few
+-- fields on purpose: every field is two strings for Redis to store and the flusher to parse.
 local function journal(a, kind, dr, dm, db, dp, dh, extra)
   a.seq = a.seq + 1
   touch(a, 'seq')
-  local e = {'t', kind, 'a', ACCOUNT, 'q', fmt(a.seq), 'd', fmt(dr + dm + db + dp + dh),
-             'bk', fmt(dr) .. ':' .. fmt(dm) .. ':' .. fmt(db) .. ':' .. fmt(dp) .. ':' .. fmt(dh),
-             'av', fmt(available(a)), 'hd', fmt(a.h), 'ts', fmt(NOW),
+  local e = {'t', kind, 'a', ACCOUNT,
+             'n', fmt(a.seq) .. ':' .. NOW_S .. ':' .. fmt(dr) .. ':' .. fmt(dm) .. ':' .. fmt(db) .. ':'
+               .. fmt(dp) .. ':' .. fmt(dh),
              'st', a.plan .. ':' .. fmt(a.per) .. ':' .. fmt(a.r) .. ':' .. fmt(a.m) .. ':' .. fmt(a.b)
                .. ':' .. fmt(a.p) .. ':' .. fmt(a.h) .. ':' .. fmt(a.used) .. ':' .. fmt(a.treq)}
   if REQ ~= '' then e[#e + 1] = 'rq'; e[#e + 1] = REQ end

@@ -98,9 +98,7 @@ class ReferenceStore:
                  extra: Sequence[tuple[str, str]] = ()) -> int:
         a = c.a
         a["seq"] += 1
-        e = {"t": kind, "a": c.account_id, "q": str(a["seq"]), "d": str(dr + dm + db + dp + dh),
-             "bk": f"{dr}:{dm}:{db}:{dp}:{dh}", "av": str(self._available(a)), "hd": str(a["h"]),
-             "ts": str(c.now),
+        e = {"t": kind, "a": c.account_id, "n": f"{a['seq']}:{c.now}:{dr}:{dm}:{db}:{dp}:{dh}",
              "st": ":".join(str(a[f]) for f in ("plan", "per", "r", "m", "b", "p", "h", "used", "treq"))}
         if c.request_id:
             e["rq"] = c.request_id

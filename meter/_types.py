@@ -167,13 +167,13 @@ class JournalEntry:
     @classmethod
     def from_fields(cls, f: dict[str, str]) -> JournalEntry:
         """Parse a stream entry's fields (raises KeyError/ValueError on a malformed entry)."""
-        dr, dm, db, dp, dh = (int(x) for x in f["bk"].split(":"))
+        seq, ts, dr, dm, db, dp, dh = map(int, numbers(f).split(":"))
         plan, *state = f["st"].split(":")
-        per, r, m, b, p, _h, used, treq = (int(x) for x in state)
+        per, r, m, b, p, h, used, treq = map(int, state)
         return cls(
-            kind=f["t"], account_id=f["a"], seq=int(f["q"]), delta=int(f["d"]),
+            kind=f["t"], account_id=f["a"], seq=seq, delta=dr + dm + db + dp + dh,
             rollover=dr, monthly=dm, bonus=db, premium=dp, held=dh,
-            available_after=int(f["av"]), held_after=int(f["hd"]), ts_ms=int(f["ts"]),
+            available_after=r + m + b + p, held_after=h, ts_ms=ts,
             plan=plan, period=per, rollover_after=r, monthly_after=m, bonus_after=b, premium_after=p,
             used_after=used, requests_after=treq,
             request_id=f.get("rq", ""), agent=f.get("ag", ""), model=f.get("mo", ""),
@@ -182,3 +182,10 @@ class JournalEntry:
             project_id=f.get("pj", ""), hold_id=f.get("hl", ""), note=f.get("nt", ""),
             reference=f.get("rf", ""),
         )
+
+
+def numbers(fields: dict[str, str]) -> str:
+    """An entry's 'n' field, seq:ts_ms:rollover:monthly:bonus:premium:held. Entries written
+    before that field existed (still in a stream during an upgrade) carry q, ts and bk instead."""
+    n = fields.get("n")
+    return n if n is not None else f"{fields['q']}:{fields['ts']}:{fields['bk']}"

@@ -24,6 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from meter import Catalog
+from meter._types import numbers
 from persistence.db import Database
 from persistence.models import TokenBalance, TokenTransaction
 
@@ -72,14 +73,14 @@ def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepare
     """The row of one raw stream entry (KeyError/ValueError when malformed); costs priced now.
 
     Works on the raw fields rather than a JournalEntry: this is the flusher's inner loop, so it
-    is written for speed (map/int on the split fields, timestamps cached per millisecond).
+    is written for speed (map/int on the split fields, timestamps cached per millisecond). The
+    balances after the change come from the state field 'st'.
     """
     get = fields.get
-    dr, dm, db, dp, dh = map(int, fields["bk"].split(":"))
+    seq, ts, dr, dm, db, dp, dh = map(int, numbers(fields).split(":"))
     state = fields["st"]
-    if state.count(":") != 8:
-        raise ValueError(f"bad state field {state!r}")
-    kind, delta, after = fields["t"], int(fields["d"]), int(fields["av"])
+    _, _, r, m, b, p, h, _, _ = state.split(":")
+    kind, after, held = fields["t"], int(r) + int(m) + int(b) + int(p), int(h)
     moved = dr + dm + db + dp
     inp, out, model = get("in"), get("ou"), get("mo")
     if inp is not None:
@@ -89,21 +90,21 @@ def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepare
     usd = inr = 0
     if model and kind in USAGE_KINDS:
         if inp is None and out is None:  # no split given: priced as output, the conservative estimate
-            usd = catalog.cost_usd_micros(model, 0, -delta)
+            usd = catalog.cost_usd_micros(model, 0, -(moved + dh))
         else:
             usd = catalog.cost_usd_micros(model, inp or 0, out or 0)
         inr = catalog.usd_micros_to_inr_paise(usd)
-    account, seq = fields["a"], int(fields["q"])
+    account = fields["a"]
     row = (f"{account}:{seq}", account, seq, stream_id, kind, after - moved, moved, after, dh,
-           int(fields["hd"]), dr, dm, db, dp, get("ag"), model, inp, out, usd, inr,
-           get("rq"), get("pj"), get("hl"), get("nt"), get("rf"), _moment(fields["ts"]))
+           held, dr, dm, db, dp, get("ag"), model, inp, out, usd, inr,
+           get("rq"), get("pj"), get("hl"), get("nt"), get("rf"), _moment(ts))
     return row, state
 
 
 @lru_cache(maxsize=4_096)
-def _moment(ms: str) -> datetime:
+def _moment(ms: int) -> datetime:
     """The datetime of a millisecond timestamp; cached: a batch's entries share a few thousand."""
-    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 def _snapshots(batch: Sequence[Prepared]) -> list[dict[str, Any]]:

@@ -310,3 +310,30 @@ async def test_redis_restart_flusher_waits_and_resumes(database: Any, tmp_path: 
         await meter.close()
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("backend", LUA_BACKENDS)
+async def test_entries_of_the_earlier_format_still_flush(make_meter: MeterFactory, backend: str) -> None:
+    """Entries written before the compact 'n' field (q, ts, bk, d, av, hd; still in a stream
+    during an upgrade) parse to the same journal entry and the same row."""
+    from meter import JournalEntry
+    from persistence.ledger import prepare
+
+    meter = await make_meter(backend)
+    await meter.open_account("old-1")
+    await meter.debit("old-1", 40, agent="code", model="sonnet", input_tokens=10, output_tokens=30)
+    h = await meter.reserve("old-1", 500, model="haiku")
+    assert h.hold_id
+    await meter.settle("old-1", h.hold_id, 321, model="haiku")
+    redis = meter.store.redis  # type: ignore[attr-defined]
+    stream = keyspace.journal_key(keyspace.shard_of("old-1", meter.shards), meter.prefix)
+    entries = [(eid, f) for eid, f in await redis.xrange(stream) if f["a"] == "old-1"]
+    assert len(entries) == 4 and all(set(f) >= {"t", "a", "n", "st"} for _, f in entries)
+    for eid, f in entries:
+        seq, ts, *deltas = f["n"].split(":")
+        _, _, r, m, b, p, h_after, _, _ = f["st"].split(":")
+        old = {k: v for k, v in f.items() if k != "n"} | {
+            "q": seq, "ts": ts, "bk": ":".join(deltas), "d": str(sum(map(int, deltas))),
+            "av": str(int(r) + int(m) + int(b) + int(p)), "hd": h_after}
+        assert JournalEntry.from_fields(old) == JournalEntry.from_fields(f)
+        assert prepare(old, eid, meter.catalog) == prepare(f, eid, meter.catalog)
