@@ -12,6 +12,7 @@ import sys
 
 from api.runtime import Runtime
 from api.settings import Settings
+from persistence.flusher import tune_gc
 
 __all__ = ["main"]
 
@@ -59,6 +60,7 @@ async def cmd_flusher(args: argparse.Namespace) -> int:
 
     async def run(rt: Runtime) -> int:
         flusher = rt.flusher(consumer=args.consumer or "")
+        tune_gc()  # this process only flushes: see persistence.flusher.tune_gc
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

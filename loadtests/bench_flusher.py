@@ -32,7 +32,7 @@ from meter import keys as keyspace
 from meter._catalog import parse_catalog
 from persistence import migrate
 from persistence.db import Database
-from persistence.flusher import Flusher, FlusherConfig
+from persistence.flusher import Flusher, FlusherConfig, tune_gc
 from persistence.ledger import TX_COLUMNS, LedgerWriter, prepare
 
 
@@ -121,6 +121,7 @@ async def main_async(args: argparse.Namespace) -> None:
             flushed = len(rows)
             label = f"{args.flushers} flusher processes draining {flushed:,} entries"
         else:
+            tune_gc()  # as `tokenmeter flusher` does
             start = time.perf_counter()
             flushed = await flusher.drain()
             flush_rate = flushed / (time.perf_counter() - start)

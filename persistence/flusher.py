@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -39,12 +40,22 @@ from persistence.ledger import (
     prepare,
 )
 
-__all__ = ["Flusher", "FlusherConfig", "FlusherStats", "dead_letter_key"]
+__all__ = ["Flusher", "FlusherConfig", "FlusherStats", "dead_letter_key", "tune_gc"]
 
 log = logging.getLogger("tokenmeter.flusher")
 
 _REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 Entry = tuple[str, str, dict[str, str]]  # (stream key, entry id, fields)
+
+
+def tune_gc() -> None:
+    """For a process whose work is flushing (`tokenmeter flusher`): Python's cyclic collector,
+    run every 700 container allocations by default, re-traverses each batch's hundreds of
+    thousands of young objects again and again: about a fifth of the flusher's time. Freezing
+    what exists at start and letting 50,000 allocations pass between young collections took one
+    flusher from ~42k to ~55k rows/s (loadtests/bench_flusher.py), for a few MB of memory."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def dead_letter_key(prefix: str = keyspace.PREFIX) -> str:
