@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, String, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Account", "ApiKey", "Base", "PaymentEvent", "Project", "PromoCode", "PromoRedemption", "TokenBalance",
@@ -79,6 +79,8 @@ class TokenTransaction(Base):
     __table_args__ = (
         Index("ix_token_transactions_account_agent", "account_id", "agent_type", "created_at"),
         Index("ix_token_transactions_model_time", "model_used", "created_at"),
+        # the transaction id is the key spelled as text: unique because the key is
+        CheckConstraint("transaction_id = account_id || ':' || CAST(seq AS TEXT)", name="ck_token_transactions_id"),
     )
 
     account_id: Mapped[str] = mapped_column(String(128), primary_key=True)

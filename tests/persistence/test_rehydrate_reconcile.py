@@ -157,9 +157,12 @@ async def test_the_transactions_key_migration_keeps_every_row(database: Any) -> 
     assert len(before) == 30
     await migrate.upgrade(database)
     assert await stored() == before
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError):  # the same key again
         async with database.engine.begin() as conn:
-            await conn.execute(insert, [{**rows[0], "t": "other", "x": "99-0"}])
+            await conn.execute(insert, [{**rows[0], "x": "99-0"}])
+    with pytest.raises(IntegrityError):  # a transaction id that is not the key
+        async with database.engine.begin() as conn:
+            await conn.execute(insert, [{**rows[0], "t": rows[1]["t"], "s": 99, "x": "99-0"}])
     await migrate.downgrade(database, "0003")
     assert await stored() == before
     await migrate.upgrade(database)

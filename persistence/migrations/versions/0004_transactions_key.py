@@ -2,7 +2,8 @@
 
 The serial `id` and the unique index on `transaction_id` go: "<account>:<seq>" is that same
 identity spelled as text, so the primary key (account_id, seq) keeps every entry stored once
-(the flusher inserts ON CONFLICT (account_id, seq) DO NOTHING). The (account_id, created_at)
+(the flusher inserts ON CONFLICT (account_id, seq) DO NOTHING), and a CHECK keeps the text
+equal to the key, so `transaction_id` stays unique. The (account_id, created_at)
 index goes too: the primary key serves an account's history in order (seq grows with time
 within an account). Two fewer indexes per inserted row for the flusher; on the development box
 raw COPY of the same rows went from ~58-60k to ~74-78k rows/s.
@@ -27,6 +28,7 @@ TZ = sa.DateTime(timezone=True)
 BIG = sa.BigInteger()
 BIG_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 TABLE = "token_transactions"
+ID_CHECK = "transaction_id = account_id || ':' || CAST(seq AS TEXT)"
 
 
 def _columns() -> list[sa.Column]:  # type: ignore[type-arg]
@@ -74,12 +76,15 @@ def upgrade() -> None:
         op.drop_constraint("token_transactions_transaction_id_key", TABLE, type_="unique")
         op.drop_column(TABLE, "id")
         op.create_primary_key("token_transactions_pkey", TABLE, ["account_id", "seq"])
+        op.create_check_constraint("ck_token_transactions_id", TABLE, ID_CHECK)
     else:
-        _rebuild_sqlite([*_columns(), sa.PrimaryKeyConstraint("account_id", "seq")], "account_id, seq")
+        _rebuild_sqlite([*_columns(), sa.PrimaryKeyConstraint("account_id", "seq"),
+                         sa.CheckConstraint(ID_CHECK, name="ck_token_transactions_id")], "account_id, seq")
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
+        op.drop_constraint("ck_token_transactions_id", TABLE, type_="check")
         op.drop_constraint("token_transactions_pkey", TABLE, type_="primary")
         op.add_column(TABLE, sa.Column("id", sa.BigInteger(), sa.Identity(), nullable=False))
         op.create_primary_key("token_transactions_pkey", TABLE, ["id"])
