@@ -25,14 +25,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import error_body
 from api.metering import decision_parts, observe
-from api.routes.meter import debit_decision, decision_body
+from api.routes.meter import MAX_BODY_BYTES, debit_decision, decision_body
 
 __all__ = ["DEBIT_PATH", "MAX_BODY_BYTES", "MeterFastPath"]
 
 DEBIT_PATH = "/api/v1/meter/debit"
-MAX_BODY_BYTES = 16_384  # a debit body is a few hundred bytes; its text fields are capped far below this
 _AUTHORIZATION = b"authorization"
 _API_KEY = b"x-api-key"
 _IDEMPOTENCY_KEY = b"idempotency-key"
@@ -46,25 +44,20 @@ class MeterFastPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != DEBIT_PATH or scope["method"] != "POST":
+        if scope["type"] != "http" or _route_path(scope) != DEBIT_PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
         authorization = api_key = idempotency_key = None
         for name, value in scope["headers"]:  # the first of a repeated header wins, as in Starlette
-            if name == _AUTHORIZATION:
-                authorization = authorization or value.decode("latin-1")
-            elif name == _API_KEY:
-                api_key = api_key or value.decode("latin-1")
-            elif name == _IDEMPOTENCY_KEY:
-                idempotency_key = idempotency_key or value.decode("latin-1")
+            if name == _AUTHORIZATION and authorization is None:
+                authorization = value.decode("latin-1")
+            elif name == _API_KEY and api_key is None:
+                api_key = value.decode("latin-1")
+            elif name == _IDEMPOTENCY_KEY and idempotency_key is None:
+                idempotency_key = value.decode("latin-1")
         raw = await _body(receive)
         if raw is None:  # the client went away before sending its body: nobody to answer
-            return
-        if len(raw) > MAX_BODY_BYTES:
-            await _send_json(send, 413, error_body(
-                "payload_too_large", f"a debit body is at most {MAX_BODY_BYTES} bytes", field="body"), {})
-            observe("debit", "payload_too_large", start)
             return
         app = scope["app"]  # the Starlette/FastAPI app this middleware belongs to
         try:
@@ -87,8 +80,18 @@ async def _send_json(send: Send, status: int, content: dict[str, object], header
     await send({"type": "http.response.body", "body": payload})
 
 
+def _route_path(scope: Scope) -> str:
+    """The path the app's router matches: without the root path the app is mounted under."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):]
+    return path
+
+
 async def _body(receive: Receive) -> bytes | None:
-    """The request body; reading stops once it is past MAX_BODY_BYTES (the rest is not buffered)."""
+    """The request body; reading stops once it is past MAX_BODY_BYTES (the rest is not buffered;
+    the size check itself is debit_decision's, so the route answers alike)."""
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -98,6 +99,9 @@ class Catalog:
 # -- loading -------------------------------------------------------------------------------------
 
 
+_PLAN_ID = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
 def _int(where: str, table: dict[str, Any], key: str, *, low: int = 0, default: int | None = None) -> int:
     value = table.get(key, default)
     if value is None:
@@ -131,6 +135,8 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
     plans = {}
     for pid, t in _section(data, "plans").items():
         w = f"plans.{pid}"
+        if not _PLAN_ID.fullmatch(pid):  # stored in Redis and the journal as a ':'-separated field
+            raise CatalogError(f"[{w}]: a plan id is 1-32 of A-Z a-z 0-9 . _ -")
         plans[pid] = Plan(
             id=pid,
             name=_str(w, t, "name", pid),

@@ -9,18 +9,19 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from api.deps import authorize, service_with_scope
-from api.errors import field_names
+from api.errors import error_body, field_names
 from api.metering import decision_response, metered_headers, observe
 from api.state import AppState
 from meter import Decision
 
 router = APIRouter(prefix="/api/v1/meter", tags=["meter"])
+MAX_BODY_BYTES = 16_384  # a debit body is a few hundred bytes; its text fields are capped far below this
 M = TypeVar("M", bound=BaseModel)
 
 AccountId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$",
@@ -101,7 +102,10 @@ def decision_body(d: Decision) -> dict[str, object]:
 async def debit_decision(state: AppState, authorization: str | None, x_api_key: str | None,
                          idempotency_key: str | None, raw: bytes) -> Decision:
     """The debit itself, shared by the route below and the pure-ASGI fast path (api/fastpath.py):
-    key with the meter scope (401/403), body (422), one meter call."""
+    body size (413), key with the meter scope (401/403), body (422), one meter call."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise HTTPException(413, detail=error_body(
+            "payload_too_large", f"a debit body is at most {MAX_BODY_BYTES} bytes", field="body"))
     await authorize(state, authorization, x_api_key, "meter")
     body = _parse(DebitIn, raw)
     with field_names(request_id="Idempotency-Key"):

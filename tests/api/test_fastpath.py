@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from api.app import create_app
-from api.fastpath import DEBIT_PATH, MAX_BODY_BYTES, MeterFastPath
+from api.fastpath import DEBIT_PATH, MAX_BODY_BYTES, MeterFastPath, _route_path
 from tests.api.conftest import Api
 
 VARYING = {"x-process-time", "ratelimit-reset", "date", "server"}
@@ -76,6 +76,10 @@ async def test_fast_path_answers_as_the_route(api: Api, route_only: httpx.AsyncC
         ("empty Idempotency-Key", lambda a: {"json": {"account_id": a, "tokens": 1},
                                              "headers": {**svc, "Idempotency-Key": ""}}),
         ("unknown account", lambda a: {"json": {"account_id": f"{a}-nobody", "tokens": 1}, "headers": svc}),
+        ("empty first Authorization", lambda a: {"json": {"account_id": a, "tokens": 1}, "headers": [
+            ("Authorization", ""), ("Authorization", svc["Authorization"])]}),
+        ("over 16 KiB", lambda a: {"content": b'{"account_id": "%s", "tokens": 1' % a.encode()
+                                   + b" " * MAX_BODY_BYTES + b"}", "headers": svc}),
         ("drain", lambda a: {"json": {"account_id": a, "tokens": 8_000}, "headers": svc}),
         ("insufficient", lambda a: {"json": {"account_id": a, "tokens": 8_000}, "headers": svc}),
     ]
@@ -85,7 +89,8 @@ async def test_fast_path_answers_as_the_route(api: Api, route_only: httpx.AsyncC
         assert fast == slow, name
         statuses.append(fast[0])
     # the cases did reach every answer the endpoint has (else the comparison proves little)
-    assert statuses == [200, 200, 200, 409, 200, 401, 401, 403, 422, 422, 422, 422, 422, 422, 404, 200, 402]
+    assert statuses == [200, 200, 200, 409, 200, 401, 401, 403, 422, 422, 422, 422, 422, 422, 404, 401, 413, 200,
+                        402]
 
 
 async def test_fast_path_serves_the_debit_without_the_app(api: Api) -> None:
@@ -135,6 +140,23 @@ async def test_decisions_are_counted_by_outcome(api: Api) -> None:
     assert count("insufficient") - before["insufficient"] == 1
     assert count("invalid_input") - before["invalid_input"] == 1
     assert 'tokenmeter_decision_seconds_bucket{le="0.001",op="debit"}' in metrics_text
+
+
+async def test_fast_path_under_a_root_path(api: Api) -> None:
+    """Mounted under a root path (a proxy prefix), the debit path is matched as the router
+    matches it: without the prefix."""
+    acct = f"fp-{uuid.uuid4().hex[:6]}"
+    await api.client.post("/api/v1/meter/accounts", json={"account_id": acct}, headers=api.service())
+    transport = httpx.ASGITransport(app=api.app, root_path="/svc")
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post("/svc" + DEBIT_PATH, json={"account_id": acct, "tokens": 5}, headers=api.service())
+        assert r.status_code == 200 and r.json()["remaining_tokens"] == 9_995
+    r = await api.client.get(f"/api/v1/meter/accounts/{acct}/balance", headers=api.service())
+    assert r.json()["remaining_tokens"] == 9_995
+    assert _route_path({"path": "/svc" + DEBIT_PATH, "root_path": "/svc"}) == DEBIT_PATH
+    assert _route_path({"path": DEBIT_PATH, "root_path": ""}) == DEBIT_PATH
+    assert _route_path({"path": "/svcx" + DEBIT_PATH, "root_path": "/svc"}) == "/svcx" + DEBIT_PATH
+    assert _route_path({"path": "/svc", "root_path": "/svc"}) == ""
 
 
 async def test_an_oversized_body_is_refused_without_a_charge(api: Api) -> None:

@@ -301,6 +301,23 @@ def test_default_catalog_is_the_seed() -> None:
     assert cat.usd_micros_to_inr_paise(2_450_000) == 20_335  # $2.45 -> ₹203.35
 
 
+@pytest.mark.parametrize("plan_id", ["pro:annual", "a b", "", "x" * 33, "ünï"])
+def test_a_plan_id_that_cannot_be_stored_is_refused(plan_id: str) -> None:
+    """Plan ids go into ':'-separated fields in Redis and the journal: a bad one fails at load."""
+    import tomllib
+    from importlib import resources
+
+    from meter._catalog import CatalogError
+
+    good = tomllib.loads(resources.files("meter").joinpath("catalog.toml").read_text())
+    good["plans"][plan_id] = dict(good["plans"]["free"])
+    with pytest.raises(CatalogError, match="plan id"):
+        parse_catalog(good)
+    del good["plans"][plan_id]
+    good["plans"]["pro.annual-2"] = dict(good["plans"]["free"])
+    assert "pro.annual-2" in parse_catalog(good).plans
+
+
 async def test_upgrade_mid_month_raises_monthly_to_new_allowance_minus_used(meter: Meter) -> None:
     await meter.open_account("u1")  # free: 10,000
     await meter.debit("u1", 3_500)

@@ -59,6 +59,7 @@ def _columns() -> list[sa.Column]:  # type: ignore[type-arg]
 
 def _rebuild_sqlite(new_table: list[sa.Column | sa.Constraint], order_by: str) -> None:  # type: ignore[type-arg]
     names = ", ".join(c.name for c in _columns())
+    op.execute(f"DROP TABLE IF EXISTS {TABLE}_new")  # left by an earlier attempt that failed midway
     op.create_table(f"{TABLE}_new", *new_table)
     op.execute(f"INSERT INTO {TABLE}_new ({names}) SELECT {names} FROM {TABLE} ORDER BY {order_by}")
     op.drop_index("ix_token_transactions_account_agent", table_name=TABLE)
