@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     hold_ttl_ms: int = Field(default=300_000, ge=1, le=86_400_000)
     flusher: str = Field(default="inprocess", pattern="^(inprocess|external)$",
                          description="inprocess: the service flushes; external: `tokenmeter flusher` does")
-    flusher_batch: int = Field(default=2_000, ge=1, le=100_000)
+    flusher_batch: int = Field(default=8_000, ge=1, le=100_000,
+                               description="journal entries per database transaction")
     flusher_block_ms: int = Field(default=200, ge=1, le=60_000)
     flusher_claim_idle_ms: int = Field(default=30_000, ge=100)
     flusher_max_deliveries: int = Field(default=5, ge=1)

@@ -185,7 +185,7 @@ def main() -> None:
     p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
     p.add_argument("--entries", type=int, default=200_000)
     p.add_argument("--accounts", type=int, default=1_000)
-    p.add_argument("--batch", type=int, default=2_000)
+    p.add_argument("--batch", type=int, default=FlusherConfig().batch)
     p.add_argument("--load-seconds", type=float, default=10.0)
     p.add_argument("--flushers", type=int, default=1, help="drain with N flusher processes (default: one, in-process)")
     args = p.parse_args()
