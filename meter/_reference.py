@@ -458,17 +458,22 @@ class ReferenceStore:
         if c.keys[0] in self.accounts:
             return ["exists", 0]
         fields = dict(zip(args[0::2], args[1::2], strict=True))
+        holds = {k[5:]: _Hold(*(int(x) for x in v.split(":"))) for k, v in fields.items() if k.startswith("hold:")}
         a: dict[str, Any] = dict.fromkeys(NUMERIC_FIELDS, 0)
         a["np"] = ""
         for k, v in fields.items():
-            a[k] = v if k in TEXT_FIELDS else int(v)
+            if not k.startswith("hold:"):
+                a[k] = v if k in TEXT_FIELDS else int(v)
         self.accounts[c.keys[0]] = a
-        if a["h"] > 0:  # holds do not survive: held tokens come back as bonus
+        if a["h"] > 0:
             c.a = dict(a)
-            lost = c.a["h"]
-            c.a["h"] = 0
-            c.a["b"] += lost
-            self._journal(c, "release", 0, 0, lost, 0, -lost,
-                          [("nt", "hold lost with Redis data; returned as bonus")])
-            self._save(c)
+            if sum(h.tokens for h in holds.values()) == a["h"]:  # the open holds come back
+                self._holds(c).update(holds)
+            else:  # unknown or inconsistent: the held tokens come back as bonus
+                lost = c.a["h"]
+                c.a["h"] = 0
+                c.a["b"] += lost
+                self._journal(c, "release", 0, 0, lost, 0, -lost,
+                              [("nt", "hold lost with Redis data; returned as bonus")])
+            self._commit(c, holds_changed=True)
         return ["ok", 1]

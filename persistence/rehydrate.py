@@ -1,20 +1,23 @@
 """Rehydration: rebuild an account missing from Redis from the database snapshot, brought up to
-date with any newer entry still in the journal stream (entries carry the full state after them).
+date with any newer entry still in the journal stream (entries carry the full state after them),
+with its open holds (ledger and stream: 'hold' entries with no settle or release yet).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from redis.asyncio import Redis
-from sqlalchemy import select
+from sqlalchemy import String, cast, exists, select
 
 from meter import Catalog, JournalEntry, Meter
 from meter import keys as keyspace
+from meter._clock import month_index
 from persistence.db import Database
-from persistence.models import TokenBalance
+from persistence.models import TokenBalance, TokenTransaction
 
 __all__ = ["Progress", "SnapshotLoader", "rehydrate_all"]
 
@@ -67,7 +70,51 @@ class SnapshotLoader:
         state.update(allow=plan.monthly_tokens, dcap=plan.daily_requests, rpm=plan.requests_per_minute,
                      maxreq=plan.max_tokens_per_request, rpct=plan.rollover_pct,
                      day=0, rq=0, ut=0, tat=0, created=0)
+        if state["h"]:
+            for hid, record in (await self._open_holds(account_id)).items():
+                state[f"hold:{hid}"] = record
         return state
+
+    async def _open_holds(self, account_id: str) -> dict[str, str]:
+        """The account's holds neither settled nor released, from the ledger and the stream, as
+        hold records 'tokens:r:m:b:p:period:expires_ms' by hold id (the 'hold' entry's seq).
+        The load script restores them only if they add up to the held balance."""
+        tx, closer = TokenTransaction.__table__.alias("h"), TokenTransaction.__table__.alias("c")
+        closing = ("settle", "release")
+        query = select(tx).where(tx.c.account_id == account_id, tx.c.transaction_type == "hold", ~exists().where(
+            closer.c.account_id == account_id, closer.c.hold_id == cast(tx.c.seq, String),
+            closer.c.transaction_type.in_(closing)))
+        opened: dict[str, str | None] = {}
+        async with self.db.engine.connect() as conn:
+            for row in (await conn.execute(query)).mappings():
+                opened[str(row["seq"])] = _hold_record(
+                    row["held_changed"], row["rollover_delta"], row["monthly_delta"], row["bonus_delta"],
+                    row["premium_delta"], _ms(row["created_at"]), row["description"])
+            closed: set[str] = set()
+            in_stream: dict[str, str | None] = {}
+            for e in await self._entries_in_stream(account_id):
+                if e.kind == "hold":
+                    in_stream[str(e.seq)] = _hold_record(e.held, e.rollover, e.monthly, e.bonus, e.premium,
+                                                         e.ts_ms, e.note)
+                elif e.kind in closing and e.hold_id:
+                    closed.add(e.hold_id)
+            fresh = [hid for hid in in_stream if hid not in opened]
+            if fresh:  # held in the stream; maybe closed in the ledger already
+                closed.update((await conn.execute(select(closer.c.hold_id).where(
+                    closer.c.account_id == account_id, closer.c.hold_id.in_(fresh),
+                    closer.c.transaction_type.in_(closing)))).scalars())
+        holds = {**opened, **in_stream}
+        return {hid: rec for hid, rec in holds.items() if hid not in closed and rec is not None}
+
+    async def _entries_in_stream(self, account_id: str) -> list[JournalEntry]:
+        stream = keyspace.journal_key(keyspace.shard_of(account_id, self.shards), self.prefix)
+        out, start = [], "-"
+        while True:
+            page = await self.redis.xrange(stream, min=start, max="+", count=1000)
+            out += [JournalEntry.from_fields(f) for _, f in page if f.get("a") == account_id]
+            if len(page) < 1000:
+                return out
+            start = f"({page[-1][0]}"
 
     async def _newest_in_stream(self, account_id: str, after_seq: int) -> JournalEntry | None:
         stream = keyspace.journal_key(keyspace.shard_of(account_id, self.shards), self.prefix)
@@ -81,6 +128,23 @@ class SnapshotLoader:
             if len(page) < 1000:
                 return None
             last = f"({page[-1][0]}"
+
+
+def _ms(at: datetime) -> int:
+    if at.tzinfo is None:  # SQLite hands back naive UTC
+        at = at.replace(tzinfo=UTC)
+    return (at - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _hold_record(tokens: int, dr: int, dm: int, db: int, dp: int, at_ms: int, note: str | None) -> str | None:
+    """A hold's record from its 'hold' journal entry (None when its expiry cannot be read)."""
+    expires = (note or "").removeprefix("expires ")
+    if not expires.isdigit():
+        return None
+    return f"{tokens}:{-dr}:{-dm}:{-db}:{-dp}:{month_index(at_ms)}:{int(expires)}"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 async def rehydrate_all(meter: Meter, db: Database, *, progress: Callable[[int], Progress] | None = None

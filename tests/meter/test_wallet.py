@@ -282,6 +282,34 @@ async def test_rehydrate_from_loader(backend: str, make_meter: MeterFactory) -> 
         await meter.debit("u2", 1)
 
 
+@pytest.mark.parametrize("holds_known", [True, False])
+async def test_rehydrate_restores_open_holds(backend: str, make_meter: MeterFactory, holds_known: bool) -> None:
+    """The load script restores the holds it is given when they add up to the held balance;
+    otherwise the held tokens come back as bonus (journaled)."""
+    source = await make_meter(backend)
+    await source.open_account("u1")
+    hold = await source.reserve("u1", 3_000, ttl_ms=60_000)
+    assert hold.hold_id and hold.expires_at_ms
+    snapshot: dict[str, str] = await source.snapshot("u1")
+    period = snapshot["per"]
+    record = f"3000:0:3000:0:0:{period}:{hold.expires_at_ms}" if holds_known else f"2000:0:2000:0:0:{period}:1"
+
+    async def loader(account_id: str) -> dict[str, str] | None:
+        return {**snapshot, f"hold:{hold.hold_id}": record}
+
+    meter = await make_meter(backend, loader=loader)
+    assert await meter.rehydrate("u1")
+    bal = await meter.balance("u1")
+    if holds_known:
+        assert (bal.remaining_tokens, bal.reserved_tokens, bal.bonus_tokens) == (7_000, 3_000, 0)
+        r = await meter.settle("u1", hold.hold_id, 1_000)
+        assert (r.charged, r.remaining, r.reserved) == (1_000, 9_000, 0)
+    else:
+        assert (bal.remaining_tokens, bal.reserved_tokens, bal.bonus_tokens) == (10_000, 0, 3_000)
+        with pytest.raises(UnknownHold):
+            await meter.settle("u1", hold.hold_id, 1_000)
+
+
 def test_default_catalog_is_the_seed() -> None:
     cat = default_catalog()
     assert {p: (x.monthly_tokens, x.price_inr_paise) for p, x in cat.plans.items()} == {
