@@ -30,7 +30,8 @@ __all__ = ["PipelinedRedisStore"]
 
 def pack(*args: str | int | bytes) -> bytes:
     """One RESP command, packed by hiredis in C."""
-    packed: bytes = hiredis.pack_command(cast(Any, args))  # its stub types a 1-tuple
+    # cast: hiredis's type stub declares the argument as a one-element tuple; any length works
+    packed: bytes = hiredis.pack_command(cast(Any, args))
     return packed
 
 

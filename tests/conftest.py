@@ -184,7 +184,7 @@ def pg_database() -> Iterator[str]:
     import asyncpg
 
     if not REAL_PG:
-        pytest.skip("PostgreSQL not reachable")
+        pytest.skip("PostgreSQL not reachable (local run only: with CI=true the session stops instead)")
     name = f"tmtest_{uuid.uuid4().hex[:10]}"
 
     async def admin(sql: str) -> None:
@@ -233,4 +233,4 @@ async def database(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterat
 @pytest.fixture
 def real_redis() -> None:
     if not REAL_REDIS:
-        pytest.skip("Redis not reachable")
+        pytest.skip("Redis not reachable (local run only: with CI=true the session stops instead)")

@@ -381,7 +381,7 @@ def private_pg_database() -> Iterator[str]:
     import asyncpg
 
     if not REAL_PG:
-        pytest.skip("PostgreSQL not reachable")
+        pytest.skip("PostgreSQL not reachable (local run only: with CI=true the session stops instead)")
     name = f"tmfuzz_{uuid.uuid4().hex[:10]}"
 
     def admin(sql: str) -> None:
