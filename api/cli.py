@@ -126,6 +126,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.jwt_secret:  # one secret for every worker; user tokens end with this run
         os.environ["TOKENMETER_JWT_SECRET"] = secrets.token_urlsafe(32)
         key_note += "\n  user tokens: signed with a per-run secret (set TOKENMETER_JWT_SECRET to keep them valid)"
+    if settings.payment_provider == "test" and not settings.test_payment_secret:  # shared by the workers
+        os.environ["TOKENMETER_TEST_PAYMENT_SECRET"] = secrets.token_hex(32)
+        key_note += (f"\n  test payments: completions signed with {os.environ['TOKENMETER_TEST_PAYMENT_SECRET']} "
+                     "(this run only; set TOKENMETER_TEST_PAYMENT_SECRET to fix one)")
     redis = settings.redis_url or "embedded in-process Redis (fakeredis with Lua; data lives in this process)"
     print(f"tokenmeter listening on http://{args.host}:{args.port}  (docs: http://{args.host}:{args.port}/docs)")
     print(f"  redis:    {redis}")

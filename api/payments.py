@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
@@ -117,6 +118,8 @@ def _json(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadPayload(f"body is not JSON: {exc}") from None
+    except RecursionError:  # a signed body nested past the parser's depth is still only bad input
+        raise BadPayload("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadPayload("body must be a JSON object")
     return data
@@ -312,14 +315,15 @@ class Payments:
         return self.providers.get(name)
 
     @classmethod
-    def build(cls, settings: Any, jwt_secret: str) -> Payments:
+    def build(cls, settings: Any) -> Payments:
         secret = settings.test_payment_secret
         if not secret:
-            # Same across workers that share the JWT secret; random per start when that is.
-            secret = hmac.new(jwt_secret.encode(), b"tokenmeter test payments", hashlib.sha256).hexdigest()
+            # Random per process and never logged: whoever knows it can mark test checkouts paid.
+            # `tokenmeter serve` sets one per run for all its workers and prints it in its banner.
+            secret = secrets.token_hex(32)
             if settings.payment_provider == "test":
-                log.warning("test payment provider: TOKENMETER_TEST_PAYMENT_SECRET is not set; this run signs "
-                            "checkout completions with %s (development only)", secret)
+                log.warning("test payment provider: TOKENMETER_TEST_PAYMENT_SECRET is not set; test checkouts "
+                            "are signed with a random per-process secret (development only)")
         razorpay = RazorpayProvider(key_id=settings.razorpay_key_id, key_secret=settings.razorpay_key_secret,
                                     webhook_secret=settings.razorpay_webhook_secret,
                                     api_url=settings.razorpay_api_url)
@@ -331,7 +335,7 @@ def payments_of(app: FastAPI) -> Payments:
     found: Payments | None = getattr(app.state, "payments", None)
     if found is None:
         tm = app.state.tm
-        found = Payments.build(tm.rt.settings, tm.jwt_secret)
+        found = Payments.build(tm.rt.settings)
         app.state.payments = found
     return found
 

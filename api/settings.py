@@ -49,7 +49,8 @@ class Settings(BaseSettings):
                                   description="provider of new purchases: test (built in) or razorpay")
     test_payment_secret: str | None = Field(
         default=None, description="HMAC-SHA256 secret of the test provider's signed checkout completion; "
-                                  "unset = derived from the JWT secret (random per start in dev)")
+                                  "unset = random per process, never logged (`tokenmeter serve` makes one per run "
+                                  "and prints it in its banner)")
     razorpay_key_id: str | None = Field(default=None, description="Razorpay API key id (orders, checkout)")
     razorpay_key_secret: str | None = Field(default=None, description="Razorpay API key secret (orders)")
     razorpay_webhook_secret: str | None = Field(
