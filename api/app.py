@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api.errors import install_error_handlers
 from api.fastpath import MeterFastPath
@@ -27,11 +27,16 @@ log = logging.getLogger("tokenmeter.api")
 
 
 async def _seed_promo_codes(rt: Runtime) -> None:
+    """The catalog's public codes, each capped at TOKENMETER_PUBLIC_PROMO_MAX_REDEMPTIONS (0 = none)."""
+    cap = rt.settings.public_promo_max_redemptions or None
     async with rt.db.sessions() as session, session.begin():
         known = set((await session.execute(select(PromoCode.code))).scalars())
         for code, promo in rt.catalog.promo_codes.items():
             if code not in known:
-                session.add(PromoCode(code=code, bonus_tokens=promo.bonus_tokens, redemptions=0, active=True))
+                session.add(PromoCode(code=code, bonus_tokens=promo.bonus_tokens, redemptions=0, active=True,
+                                      max_redemptions=cap))
+        await session.execute(update(PromoCode).where(PromoCode.code.in_(list(rt.catalog.promo_codes))).values(
+            max_redemptions=cap))
 
 
 async def _sweep_holds(rt: Runtime, stop: asyncio.Event, every_s: float = 5.0) -> None:

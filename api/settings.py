@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     migrate_on_start: bool = True
     promo_max_failures: int = Field(default=5, ge=1, description="failed promo attempts per account per window")
     promo_failure_window_s: int = Field(default=900, ge=1)
+    public_promo_max_redemptions: int = Field(
+        default=10_000, ge=0, le=2**53,
+        description="global cap on redemptions of EACH catalog promo code (WELCOME2024, LAUNCH50, BETA100), "
+                    "set on every start; 0 = unlimited")
 
     payment_provider: str = Field(default="test", pattern="^(test|razorpay)$",
                                   description="provider of new purchases: test (built in) or razorpay")

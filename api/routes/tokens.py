@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import current_user
@@ -149,23 +149,22 @@ class RedeemIn(BaseModel):
     promo_code: str = Field(min_length=1, max_length=64, examples=["WELCOME2024"])
 
 
-async def _promo_attempts_left(state: AppState, account_id: str) -> tuple[str, int]:
+async def _count_attempt(state: AppState, account_id: str) -> str:
+    """Count this attempt BEFORE evaluating the code, in one MULTI/EXEC (INCR, EXPIRE NX, TTL):
+    parallel guesses each get their own number, so at most `promo_max_failures` are evaluated per
+    window however many race. Over the limit: 429 and nothing is evaluated."""
     rt = state.rt
     key = keyspace.promo_failures_key(account_id, shards=rt.settings.shards, prefix=rt.settings.key_prefix)
-    failures = int(await rt.redis.get(key) or 0)
-    if failures >= rt.settings.promo_max_failures:
-        ttl = max(int(await rt.redis.ttl(key)), 1)
-        raise HTTPException(429, headers={"Retry-After": str(ttl)}, detail=error_body(
-            "too_many_attempts", f"too many failed promo code attempts; try again in {ttl} s", retry_after_s=ttl))
-    return key, failures
-
-
-async def _promo_failed(state: AppState, key: str, exc: HTTPException) -> HTTPException:
-    async with state.rt.redis.pipeline(transaction=True) as pipe:
+    async with rt.redis.pipeline(transaction=True) as pipe:
         pipe.incr(key)
-        pipe.expire(key, state.rt.settings.promo_failure_window_s, nx=True)
-        await pipe.execute()
-    return exc
+        pipe.expire(key, rt.settings.promo_failure_window_s, nx=True)
+        pipe.ttl(key)
+        attempts, _, ttl = await pipe.execute()
+    if int(attempts) > rt.settings.promo_max_failures:
+        wait = max(int(ttl), 1)
+        raise HTTPException(429, headers={"Retry-After": str(wait)}, detail=error_body(
+            "too_many_attempts", f"too many failed promo code attempts; try again in {wait} s", retry_after_s=wait))
+    return key
 
 
 @router.post("/redeem-code", summary="Redeem a promo code (once per account) for bonus tokens",
@@ -174,54 +173,65 @@ async def _promo_failed(state: AppState, key: str, exc: HTTPException) -> HTTPEx
 async def redeem_code(body: RedeemIn, account_id: str = Depends(current_user),
                       state: AppState = Depends(app_state)) -> dict[str, Any]:
     """Failed attempts (unknown, expired, exhausted, wrong plan, already redeemed) count against a
-    per-account limit (5 per 15 minutes by default), so codes cannot be guessed by brute force."""
-    key, _ = await _promo_attempts_left(state, account_id)
-    try:
-        return await _redeem(state, account_id, body.promo_code.strip().upper())
-    except HTTPException as exc:
-        raise await _promo_failed(state, key, exc) from None
+    per-account limit (5 per 15 minutes by default), so codes cannot be guessed by brute force.
+    Every attempt is counted before it is evaluated; a successful one is uncounted afterwards."""
+    key = await _count_attempt(state, account_id)
+    out = await _redeem(state, account_id, body.promo_code.strip().upper())
+    await state.rt.redis.decr(key)  # a success is not a failed attempt
+    return out
 
 
 async def _redeem(state: AppState, account_id: str, code: str) -> dict[str, Any]:
+    """Exactly once per (code, account), on the database record alone: the redemption row, the
+    use of the code's cap and the wallet credit's journal id are committed in ONE transaction, so
+    a row exists only for a credited redemption. A second attempt finds the row (or, racing, hits
+    its unique constraint) and answers the stored result with 409, never crediting: no TTL (the
+    credit's idempotency key, 24 h) is needed for it. If Redis fails the credit, everything rolls
+    back and a retry starts over; if the commit fails after the credit, the retry's credit is a
+    replay by request id (`promo:<code>`) while that key lives."""
     rt = state.rt
-    request_id = f"promo:{code}"
     now = datetime.now(UTC)
     async with rt.db.sessions() as session, session.begin():
         promo = await session.get(PromoCode, code)
-        already = (await session.execute(select(func.count()).select_from(PromoRedemption).where(
-            PromoRedemption.code == code, PromoRedemption.account_id == account_id))).scalar_one()
         if promo is None or not promo.active:
             raise HTTPException(404, detail=error_body("unknown_code", f"promo code {code!r} does not exist",
                                                        field="promo_code"))
-        if not already:
-            if (promo.starts_at and _aware(promo.starts_at) > now) or (promo.ends_at and _aware(promo.ends_at) <= now):
-                raise HTTPException(410, detail=error_body("code_expired", f"promo code {code!r} is not valid now",
-                                                           field="promo_code"))
-            if promo.plan and (await rt.meter.balance(account_id)).plan != promo.plan:
-                raise HTTPException(403, detail=error_body("code_not_for_plan",
-                                                           f"promo code {code!r} is for the {promo.plan} plan"))
-            taken = await session.execute(update(PromoCode).where(
-                PromoCode.code == code,
-                (PromoCode.max_redemptions.is_(None)) | (PromoCode.redemptions < PromoCode.max_redemptions),
-            ).values(redemptions=PromoCode.redemptions + 1))
-            if taken.rowcount != 1:  # type: ignore[attr-defined]
-                raise HTTPException(410, detail=error_body("code_exhausted", f"promo code {code!r} is used up",
-                                                           field="promo_code"))
-            session.add(PromoRedemption(code=code, account_id=account_id, bonus_tokens=promo.bonus_tokens))
-            try:
-                await session.flush()
-            except IntegrityError:  # a concurrent redemption by the same account won
-                raise HTTPException(409, detail=error_body(
-                    "already_redeemed", f"promo code {code!r} was already redeemed")) from None
-        bonus = promo.bonus_tokens
-    # Credited after the redemption is committed, idempotently: a retry after a Redis outage
-    # completes the credit; a second redemption is a replay and is refused.
-    receipt = await rt.meter.credit(account_id, bonus, bucket="bonus", kind="bonus",
-                                    note=f"Promo code: {code}", reference=code, request_id=request_id)
-    if already and receipt.replayed:
-        raise HTTPException(409, detail=error_body("already_redeemed", f"promo code {code!r} was already redeemed"))
-    return {"message": "Promo code redeemed successfully!", "bonus_tokens": bonus,
+        done = (await session.execute(select(PromoRedemption).where(
+            PromoRedemption.code == code, PromoRedemption.account_id == account_id))).scalar_one_or_none()
+        if done is not None:
+            raise _already(code, done)
+        if (promo.starts_at and _aware(promo.starts_at) > now) or (promo.ends_at and _aware(promo.ends_at) <= now):
+            raise HTTPException(410, detail=error_body("code_expired", f"promo code {code!r} is not valid now",
+                                                       field="promo_code"))
+        if promo.plan and (await rt.meter.balance(account_id)).plan != promo.plan:
+            raise HTTPException(403, detail=error_body("code_not_for_plan",
+                                                       f"promo code {code!r} is for the {promo.plan} plan"))
+        row = PromoRedemption(code=code, account_id=account_id, bonus_tokens=promo.bonus_tokens, created_at=now)
+        session.add(row)
+        try:
+            await session.flush()  # waits for a concurrent redemption by the same account; fails if it won
+        except IntegrityError:
+            raise HTTPException(409, detail=error_body(
+                "already_redeemed", f"promo code {code!r} was already redeemed")) from None
+        taken = await session.execute(update(PromoCode).where(
+            PromoCode.code == code,
+            (PromoCode.max_redemptions.is_(None)) | (PromoCode.redemptions < PromoCode.max_redemptions),
+        ).values(redemptions=PromoCode.redemptions + 1))
+        if taken.rowcount != 1:  # type: ignore[attr-defined]
+            raise HTTPException(410, detail=error_body("code_exhausted", f"promo code {code!r} is used up",
+                                                       field="promo_code"))
+        receipt = await rt.meter.credit(account_id, promo.bonus_tokens, bucket="bonus", kind="bonus",
+                                        note=f"Promo code: {code}", reference=code, request_id=f"promo:{code}")
+        row.transaction_id = receipt.transaction_id
+    return {"message": "Promo code redeemed successfully!", "bonus_tokens": row.bonus_tokens,
             "new_balance": receipt.remaining, "transaction_id": receipt.transaction_id}
+
+
+def _already(code: str, done: PromoRedemption) -> HTTPException:
+    """The stored result of a finished redemption (rows from before 0005 may lack the journal id)."""
+    return HTTPException(409, detail=error_body(
+        "already_redeemed", f"promo code {code!r} was already redeemed", bonus_tokens=done.bonus_tokens,
+        transaction_id=done.transaction_id, redeemed_at=_aware(done.created_at).isoformat(timespec="seconds")))
 
 
 def _aware(t: datetime) -> datetime:
