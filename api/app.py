@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 
 from api.errors import install_error_handlers
 from api.fastpath import MeterFastPath
+from api.plan_billing import run_period_sweep
 from api.runtime import Runtime
 from api.settings import Settings
 from api.state import AppState
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.flusher == "inprocess":
             state.tasks.append(asyncio.create_task(rt.flusher(consumer="inprocess").run(stop)))
         state.tasks.append(asyncio.create_task(_sweep_holds(rt, stop)))
+        state.tasks.append(asyncio.create_task(run_period_sweep(rt, stop, settings.plan_period_sweep_s)))
         # Everything built so far (app, routes, models, pools) lives as long as the process:
         # out of the cyclic collector's sight, a full collection no longer walks it, which took
         # the long pauses out of the debit's tail latency.

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         default=None, description="shared secret of the Razorpay webhook (X-Razorpay-Signature); unset = "
                                   "the webhook answers 503")
     razorpay_api_url: str = Field(default="https://api.razorpay.com/v1")
+    plan_period_sweep_s: float = Field(
+        default=300, ge=1, le=86_400,
+        description="how often paid plans are checked against the periods paid for (a plan not renewed is "
+                    "scheduled to lapse to free at the period boundary)")
     purchase_checkout_ttl_s: int = Field(default=1800, ge=60,
                                          description="a pending purchase expires after this (test checkout "
                                                      "refuses to complete it)")

@@ -34,6 +34,7 @@ class Account(Base):
     plan: Mapped[str] = mapped_column(String(32), default="free")
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    admin_plan_at: Mapped[datetime | None] = mapped_column()  # 0005: an admin last set the plan (never lapsed)
 
 
 class ApiKey(Base):
@@ -132,6 +133,11 @@ class TokenPurchase(Base):
     refunded_paise: Mapped[int] = mapped_column(default=0, server_default="0")  # money refunded so far
     owed_tokens: Mapped[int] = mapped_column(default=0, server_default="0")  # refunded but already spent
     credit_transaction_id: Mapped[str | None] = mapped_column(String(160))  # the premium credit's journal id
+    # 0005: a paid plan is bought like a pack; for a plan, credit_transaction_id is the plan change's.
+    kind: Mapped[str] = mapped_column(String(8), default="pack", server_default="pack")  # pack | plan
+    plan_id: Mapped[str | None] = mapped_column(String(32))
+    period: Mapped[int | None] = mapped_column()  # month index (year * 12 + month - 1) the plan is paid for
+    previous_plan: Mapped[str | None] = mapped_column(String(32))  # restored by a refund of a plan bought now
 
     __table_args__ = (UniqueConstraint("account_id", "idempotency_key", name="uq_purchase_idempotency"),)
 

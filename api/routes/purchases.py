@@ -1,5 +1,7 @@
-"""Token packs bought with money: start a purchase (user JWT), and the payment events that
-complete it (provider webhooks, the test provider's signed checkout).
+"""Token packs and paid plans bought with money: start a purchase (user JWT; plans start theirs in
+`api.routes.plans`), and the payment events that complete it (provider webhooks, the test
+provider's signed checkout). A plan purchase's paid event changes the plan instead of crediting
+tokens (`api.plan_billing`), by the same exactly-once steps.
 
 Exactly-once crediting. Every verified event is applied in ONE database transaction:
   1. the purchase is found by (provider, order id) and the event's amount and currency are
@@ -12,7 +14,8 @@ Exactly-once crediting. Every verified event is applied in ONE database transact
      paid -> refunded);
   4. the wallet change is made, still inside the transaction, idempotently by request id
      (`purchase:<purchase id>` credits the premium bucket, `refund:<refund id>` takes tokens
-     back), and its journal id is stored on the row; then COMMIT.
+     back; for a plan purchase `plan:<purchase id>` sets the plan, `planrefund:<purchase id>` restores
+     the one before), and its journal id is stored on the row; then COMMIT.
 If Redis is down the wallet call fails, the transaction rolls back, nothing is recorded and the
 provider's retry does it all again. If the commit fails after the wallet call, the retry repeats
 it and the wallet call is a replay (same request id) that changes nothing. Because the duplicate
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -33,6 +37,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from api import plan_billing
 from api.deps import current_user
 from api.errors import error_body
 from api.payments import (
@@ -46,6 +51,7 @@ from api.payments import (
     WebhookEvent,
     payments,
 )
+from api.plan_billing import period_label
 from api.state import AppState, app_state
 from persistence.models import PaymentEvent, TokenPurchase, utcnow
 
@@ -73,14 +79,14 @@ def _expired(state: AppState, row: TokenPurchase) -> bool:
 
 
 def _body(state: AppState, pay: Payments, row: TokenPurchase, *, replayed: bool | None = None) -> dict[str, Any]:
-    pack = state.rt.catalog.packs.get(row.package_id)
     provider = pay.get(row.provider)
     checkout = None
     if row.status == "pending" and row.provider_order_id and provider is not None:
         checkout = provider.checkout(CheckoutOf(row.id, row.provider_order_id, row.amount_paise, row.currency,
-                                                pack.name if pack else row.package_id))
+                                                _description(state, row)))
     out: dict[str, Any] = {
-        "purchase_id": row.id, "package_id": row.package_id, "tokens": row.tokens,
+        "purchase_id": row.id, "kind": row.kind or "pack", "package_id": row.package_id, "tokens": row.tokens,
+        "plan": row.plan_id, "period": period_label(row.period) if row.period is not None else None,
         "amount": row.amount_paise, "amount_inr": _inr(row.amount_paise), "currency": row.currency,
         "status": row.status, "provider": row.provider, "order_id": row.provider_order_id, "checkout": checkout,
         "refunded_amount": row.refunded_paise, "refunded_tokens": row.refunded_tokens,
@@ -93,17 +99,37 @@ def _body(state: AppState, pay: Payments, row: TokenPurchase, *, replayed: bool 
     return out
 
 
+def _description(state: AppState, row: TokenPurchase) -> str:
+    if row.kind == "plan":
+        plan = state.rt.catalog.plans.get(row.plan_id or "")
+        return f"{plan.name if plan else row.plan_id} plan, {period_label(row.period or 0)}"
+    pack = state.rt.catalog.packs.get(row.package_id)
+    return pack.name if pack else row.package_id
+
+
 # -- starting a purchase -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """What a purchase buys: a pack (tokens) or a plan for one period (month index)."""
+
+    kind: str  # pack | plan
+    package_id: str  # the pack's id; for a plan, the plan's id
+    tokens: int
+    amount_paise: int
+    plan_id: str | None = None
+    period: int | None = None
+    previous_plan: str | None = None
 
 
 class PurchaseIn(BaseModel):
     package_id: str = Field(min_length=1, max_length=32, examples=["pro"], description="starter, pro or unlimited")
 
 
-async def _find_or_create(state: AppState, account_id: str, package_id: str, key: str | None,
-                          provider: str) -> tuple[TokenPurchase, bool]:
+async def find_or_create(state: AppState, account_id: str, item: Item, key: str | None,
+                         provider: str) -> tuple[TokenPurchase, bool]:
     """The purchase of this Idempotency-Key (replayed=True), else a new pending one."""
-    pack = state.rt.catalog.packs[package_id]
     for attempt in range(2):
         try:
             async with state.rt.db.sessions() as session, session.begin():
@@ -112,15 +138,18 @@ async def _find_or_create(state: AppState, account_id: str, package_id: str, key
                         TokenPurchase.account_id == account_id, TokenPurchase.idempotency_key == key))
                     ).scalar_one_or_none()
                     if found is not None:
-                        if found.package_id != package_id:
+                        if (found.kind, found.package_id, found.period) != (item.kind, item.package_id,
+                                                                            item.period):
                             raise HTTPException(409, detail=error_body(
                                 "idempotency_conflict", f"Idempotency-Key {key!r} was used for the "
-                                f"{found.package_id!r} pack", idempotency_key=key, field="package_id"))
+                                f"{found.package_id!r} {found.kind}", idempotency_key=key,
+                                field="plan" if item.kind == "plan" else "package_id"))
                         return found, True
-                row = TokenPurchase(id=str(uuid.uuid4()), account_id=account_id, package_id=pack.id,
-                                    tokens=pack.tokens, amount_paise=pack.price_inr_paise, currency="INR",
+                row = TokenPurchase(id=str(uuid.uuid4()), account_id=account_id, package_id=item.package_id,
+                                    tokens=item.tokens, amount_paise=item.amount_paise, currency="INR",
                                     status="pending", provider=provider, idempotency_key=key, refunded_tokens=0,
-                                    refunded_paise=0, owed_tokens=0, created_at=utcnow())
+                                    refunded_paise=0, owed_tokens=0, created_at=utcnow(), kind=item.kind,
+                                    plan_id=item.plan_id, period=item.period, previous_plan=item.previous_plan)
                 session.add(row)
             return row, False
         except IntegrityError:  # a concurrent request with the same key created it: read that one
@@ -147,13 +176,21 @@ async def purchase(body: PurchaseIn, idempotency_key: IdempotencyKey = None,
         raise HTTPException(422, detail=error_body(
             "invalid_input", f"package_id: unknown pack {body.package_id!r}; known: {sorted(packs)}",
             field="package_id"))
-    row, replayed = await _find_or_create(state, account_id, body.package_id, idempotency_key, pay.default)
+    pack = packs[body.package_id]
+    item = Item("pack", pack.id, pack.tokens, pack.price_inr_paise)
+    return await start_purchase(state, pay, account_id, item, idempotency_key)
+
+
+async def start_purchase(state: AppState, pay: Payments, account_id: str, item: Item,
+                         idempotency_key: str | None) -> JSONResponse:
+    """The pending purchase of `item` with its provider order: 201, or 200 for a replayed key."""
+    row, replayed = await find_or_create(state, account_id, item, idempotency_key, pay.default)
     provider = pay.get(row.provider)
     if row.provider_order_id is None and provider is not None:
         try:
             order = await provider.create_order(purchase_id=row.id, amount=row.amount_paise, currency=row.currency,
                                                 notes={"purchase_id": row.id, "account_id": account_id,
-                                                       "package_id": row.package_id})
+                                                       "package_id": row.package_id, "kind": row.kind})
         except (ProviderError, NotConfigured) as exc:
             log.error("payment order for purchase %s (%s) failed: %s", row.id, row.provider, exc)
             raise HTTPException(503, headers={"Retry-After": "5"}, detail=error_body(
@@ -298,6 +335,11 @@ async def _paid(state: AppState, provider: PaymentProvider, session: Any, row: T
         status="paid", paid_at=utcnow(), provider_payment_id=event.payment_id))
     if moved.rowcount != 1:  # cannot happen while the row is locked; refuse rather than credit twice
         raise _refuse(409, "concurrent_update", f"purchase {row.id} changed concurrently; retry", event)
+    if row.kind == "plan":
+        applied = await plan_billing.apply_paid(state.rt, session, row)
+        record.tokens = 0
+        row.status = "paid"
+        return 200, _result(row, event, "plan_applied", credited_tokens=0, **applied)
     pack = state.rt.catalog.packs.get(row.package_id)
     receipt = await state.rt.meter.credit(
         row.account_id, row.tokens, bucket="premium", kind="purchase",
@@ -333,6 +375,13 @@ async def _refunded(state: AppState, session: Any, row: TokenPurchase, record: P
     if after > row.amount_paise:
         raise _refuse(422, "refund_exceeds_payment", f"refunds would total {after} paise of a {row.amount_paise} "
                       "paise payment", event, field="refunded_amount")
+    if row.kind == "plan":  # the first refund of a plan takes the plan back; later parts only add up money
+        reverted = await plan_billing.revert_refunded(state.rt, session, row) if row.status == "paid" else {}
+        await session.execute(update(TokenPurchase).where(TokenPurchase.id == row.id).values(
+            status="refunded", refunded_paise=after))
+        row.status = "refunded"
+        return 200, _result(row, event, "refunded", refunded_amount=event.refunded_amount, refund_tokens=0,
+                            taken_tokens=0, owed_tokens=0, **reverted)
     # Tokens for the money refunded so far minus those already handled: refunds in parts add up.
     tokens = row.tokens * after // row.amount_paise - row.tokens * before // row.amount_paise
     taken = owed = 0
