@@ -32,6 +32,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.runtime import Runtime
+from meter import UnknownAccount
 from meter._clock import month_index
 from persistence.models import Account, TokenPurchase
 
@@ -118,13 +119,13 @@ async def revert_refunded(rt: Runtime, session: AsyncSession, row: TokenPurchase
     return {"plan_reverted": True, "plan": (await rt.meter.balance(row.account_id)).plan, "next_period_plan": then}
 
 
-async def enforce_paid_periods(rt: Runtime) -> int:
-    """Lapse what is not paid for (see the module doc); returns how many accounts changed. Looks
+async def enforce_paid_periods(rt: Runtime) -> list[str]:
+    """Lapse what is not paid for (see the module doc); returns the accounts changed. Looks
     at accounts whose last paid plan period is this one or the one before (a sweep that missed a
     whole period of downtime still catches them; older ones were lapsed by an earlier sweep)."""
     now = current_period(rt)
     paid = {p.id for p in rt.catalog.plans.values() if p.price_inr_paise > 0}
-    changed = 0
+    changed: list[str] = []
     async with rt.db.sessions() as session, session.begin():
         latest = (await session.execute(select(
             TokenPurchase.account_id, func.max(TokenPurchase.period), func.max(TokenPurchase.paid_at)).where(
@@ -136,18 +137,21 @@ async def enforce_paid_periods(rt: Runtime) -> int:
             admin_set = admin_at.get(account_id)
             if admin_set is not None and (paid_at is None or admin_set >= paid_at):
                 continue  # an admin set the plan after the last payment
-            balance = await rt.meter.balance(account_id)
+            try:
+                balance = await rt.meter.balance(account_id)
+            except UnknownAccount:  # not in this store (nor its snapshots): nothing to lapse
+                continue
             if period == now and balance.plan in paid and not balance.pending_plan:  # nothing scheduled
                 await rt.meter.set_plan(account_id, "free", when="next", request_id=f"lapse:{account_id}:{now}",
                                         note=f"{period_label(now + 1)}: not renewed, lapses")
-                changed += 1
+                changed.append(account_id)
             elif period is not None and period < now and balance.plan in paid:
                 await rt.meter.set_plan(account_id, "free", when="now", request_id=f"lapse-now:{account_id}:{now}",
                                         note=f"{period_label(now)}: not paid for")
                 await _set_account_plan(session, account_id, "free")
-                changed += 1
+                changed.append(account_id)
     if changed:
-        log.info("plan periods: %d accounts lapsed or scheduled to lapse", changed)
+        log.info("plan periods: %d accounts lapsed or scheduled to lapse", len(changed))
     return changed
 
 

@@ -376,7 +376,8 @@ async def _refunded(state: AppState, session: Any, row: TokenPurchase, record: P
         raise _refuse(422, "refund_exceeds_payment", f"refunds would total {after} paise of a {row.amount_paise} "
                       "paise payment", event, field="refunded_amount")
     if row.kind == "plan":  # the first refund of a plan takes the plan back; later parts only add up money
-        reverted = await plan_billing.revert_refunded(state.rt, session, row) if row.status == "paid" else {}
+        reverted = await plan_billing.revert_refunded(state.rt, session, row) if row.status == "paid" \
+            else {"plan_reverted": False}
         await session.execute(update(TokenPurchase).where(TokenPurchase.id == row.id).values(
             status="refunded", refunded_paise=after))
         row.status = "refunded"
