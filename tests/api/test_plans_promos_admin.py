@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
 import pytest
 
+from api.payments import payments_of, sign
 from api.security import issue_token
 from meter import FakeClock
 from meter._clock import month_end_ms, month_index
@@ -99,10 +101,17 @@ async def test_upgrade_now_and_cancel_at_the_period_boundary(api: Api) -> None:
     account, auth = await quick_user(api)
     await api.state.rt.meter.debit(account, 3_000)
     r = await api.client.post("/api/v1/plans/subscribe", json={"plan": "basic"}, headers=auth)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert (body["plan"], body["effective"], body["monthly_remaining"], body["monthly_change"]) == (
-        "basic", "now", 47_000, 40_000)
+    assert r.status_code == 201, r.text  # a paid plan: a pending purchase, nothing changes yet
+    assert (r.json()["kind"], r.json()["plan"], r.json()["amount"], r.json()["status"]) == (
+        "plan", "basic", 29_900, "pending")
+    assert (await api.state.rt.meter.balance(account)).plan == "free"
+    checkout = json.dumps(r.json()["checkout"]["body"]).encode()  # paid through the test provider
+    secret = payments_of(api.app).providers["test"].secret  # type: ignore[attr-defined]
+    paid = await api.client.post("/api/v1/payments/test/complete", content=checkout, headers={
+        "Content-Type": "application/json", "X-Test-Signature": sign(secret, checkout)})
+    assert paid.status_code == 200 and paid.json()["effective"] == "now", paid.text
+    b = await api.state.rt.meter.balance(account)
+    assert (b.plan, b.monthly_remaining, b.monthly_allowance) == ("basic", 47_000, 50_000)
     r = await api.client.post("/api/v1/plans/cancel", headers=auth)
     assert (r.json()["plan"], r.json()["effective"], r.json()["pending_plan"]) == ("basic", "next_period", "free")
     clock.set(month_end_ms(month_index(clock.now_ms())))
