@@ -5,6 +5,7 @@ is a new purchase for the next period, and a plan nobody renews ends at the peri
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -79,8 +80,7 @@ async def test_a_paid_plan_is_granted_only_by_its_payment_and_once(testpay: Api)
     assert (row.kind, row.plan_id, row.period, row.status, row.previous_plan) == ("plan", "pro", period, "paid", "free")
     assert row.credit_transaction_id == paid.json()["transaction_id"]
     assert [e.outcome for e in events] == ["plan_applied"]
-    # Paid for this period already: asking again is refused, not a second charge.
-    assert (await subscribe(testpay, auth, "pro")).status_code == 201  # pro = pro: next period's renewal
+    assert (await subscribe(testpay, auth, "pro")).status_code == 201  # pro again: next period's renewal
     listed = (await testpay.client.get("/api/v1/tokens/purchases", headers=auth)).json()
     assert sorted(p["kind"] for p in listed) == ["plan", "plan"]
 
@@ -193,3 +193,16 @@ async def test_a_razorpay_capture_of_a_plan_purchase(rzp: Api) -> None:
     assert (await deliver(rzp, body, event_id="evt_plan1")).status_code == 409
     assert (await plan_of(rzp, account))[:2] == ("pro", 250_000)
     assert json.loads(body)["payload"]["payment"]["entity"]["amount"] == PRO_PAISE
+
+
+async def test_concurrent_deliveries_apply_the_plan_once(testpay: Api) -> None:
+    account, auth = await user_at(testpay)
+    await testpay.state.rt.meter.debit(account, 4_000)
+    out = (await subscribe(testpay, auth, "pro")).json()
+    answers = await asyncio.gather(*(pay(testpay, out) for _ in range(5)))
+    assert sorted(r.status_code for r in answers) == [200, 409, 409, 409, 409]
+    b = await testpay.state.rt.meter.balance(account)
+    assert (b.plan, b.monthly_remaining) == ("pro", 250_000 - 4_000)  # this month's use still counts
+    await testpay.flush()
+    items = (await testpay.client.get("/api/v1/tokens/transactions?limit=100", headers=auth)).json()
+    assert sum(1 for i in items if "plan pro now" in (i["description"] or "")) == 1

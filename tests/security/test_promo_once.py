@@ -36,6 +36,15 @@ async def quick_user(api: Api) -> tuple[str, dict[str, str]]:
     return account, {"Authorization": f"Bearer {issue_token(api.state.jwt_secret, account, 3600)}"}
 
 
+async def create_code(api: Api, bonus: int) -> str:
+    """A code of this test's own (the Postgres database is shared by the run's tests)."""
+    code = f"ONCE{uuid.uuid4().hex[:8].upper()}"
+    r = await api.client.post("/api/v1/admin/promo-codes", headers=api.service(),
+                              json={"code": code, "bonus_tokens": bonus})
+    assert r.status_code == 201, r.text
+    return code
+
+
 async def forget_idempotency(api: Api, account: str) -> int:
     """Delete every idempotency key of the account (what the 24 h TTL or a Redis loss does)."""
     s = api.state.rt.settings
@@ -48,18 +57,19 @@ async def forget_idempotency(api: Api, account: str) -> int:
 
 async def test_a_redeemed_code_never_credits_again_after_its_idempotency_key_is_gone(dbapi: Api) -> None:
     account, auth = await quick_user(dbapi)
-    first = await dbapi.client.post(REDEEM, json={"promo_code": "WELCOME2024"}, headers=auth)
+    code = await create_code(dbapi, 10_000)
+    first = await dbapi.client.post(REDEEM, json={"promo_code": code}, headers=auth)
     assert first.status_code == 200, first.text
     assert (await dbapi.state.rt.meter.balance(account)).bonus_tokens == 10_000
     assert await forget_idempotency(dbapi, account) >= 1
-    again = await dbapi.client.post(REDEEM, json={"promo_code": "welcome2024"}, headers=auth)
+    again = await dbapi.client.post(REDEEM, json={"promo_code": code.lower()}, headers=auth)
     assert (await dbapi.state.rt.meter.balance(account)).bonus_tokens == 10_000  # no second credit
     assert again.status_code == 409, again.text
     assert (again.json()["error"], again.json()["transaction_id"], again.json()["bonus_tokens"]) == (
         "already_redeemed", first.json()["transaction_id"], 10_000)
     assert (await dbapi.state.rt.meter.balance(account)).bonus_tokens == 10_000
     async with dbapi.state.rt.db.sessions() as session:
-        assert (await session.get(PromoCode, "WELCOME2024")).redemptions == 1  # type: ignore[union-attr]
+        assert (await session.get(PromoCode, code)).redemptions == 1  # type: ignore[union-attr]
         row = (await session.execute(select(PromoRedemption).where(
             PromoRedemption.account_id == account))).scalar_one()
     assert row.transaction_id == first.json()["transaction_id"]  # the credit is recorded on the row
@@ -67,6 +77,7 @@ async def test_a_redeemed_code_never_credits_again_after_its_idempotency_key_is_
 
 async def test_a_failed_credit_leaves_no_redemption_and_the_retry_credits_once(dbapi: Api) -> None:
     account, auth = await quick_user(dbapi)
+    code = await create_code(dbapi, 50_000)
     meter = dbapi.state.rt.meter
     real_credit = meter.credit
 
@@ -75,15 +86,15 @@ async def test_a_failed_credit_leaves_no_redemption_and_the_retry_credits_once(d
 
     meter.credit = redis_down
     try:
-        failed = await dbapi.client.post(REDEEM, json={"promo_code": "LAUNCH50"}, headers=auth)
+        failed = await dbapi.client.post(REDEEM, json={"promo_code": code}, headers=auth)
     finally:
         meter.credit = real_credit
     assert failed.status_code == 503, failed.text
     async with dbapi.state.rt.db.sessions() as session:
         assert (await session.execute(select(PromoRedemption).where(
             PromoRedemption.account_id == account))).scalar_one_or_none() is None
-        assert (await session.get(PromoCode, "LAUNCH50")).redemptions == 0  # type: ignore[union-attr]
-    ok = await dbapi.client.post(REDEEM, json={"promo_code": "LAUNCH50"}, headers=auth)
+        assert (await session.get(PromoCode, code)).redemptions == 0  # type: ignore[union-attr]
+    ok = await dbapi.client.post(REDEEM, json={"promo_code": code}, headers=auth)
     assert ok.status_code == 200, ok.text
     assert (await meter.balance(account)).bonus_tokens == 50_000
 
