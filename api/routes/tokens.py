@@ -177,7 +177,9 @@ async def redeem_code(body: RedeemIn, account_id: str = Depends(current_user),
     Every attempt is counted before it is evaluated; a successful one is uncounted afterwards."""
     key = await _count_attempt(state, account_id)
     out = await _redeem(state, account_id, body.promo_code.strip().upper())
-    await state.rt.redis.decr(key)  # a success is not a failed attempt
+    # A success is not a failed attempt. (Should the window end in between, the DECR leaves -1
+    # without a TTL: one extra attempt at most, and the next INCR's EXPIRE NX sets the window again.)
+    await state.rt.redis.decr(key)
     return out
 
 
