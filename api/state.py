@@ -20,6 +20,7 @@ class AppState:
     jwt_secret: str
     key_cache: ApiKeyCache
     tasks: list[Any] = field(default_factory=list)
+    background: Any = None  # api.background.Background, set by the lifespan
 
     @classmethod
     def build(cls, rt: Runtime) -> AppState:
