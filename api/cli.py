@@ -204,9 +204,29 @@ async def cmd_apikey(args: argparse.Namespace) -> int:
                     return 1
                 row.revoked_at = utcnow()
                 print(f"revoked {args.key_id}")
+        if args.action == "revoke":
+            await _mark_revoked_in_redis(_settings(args), args.key_id)
     finally:
         await db.close()
     return 0
+
+
+async def _mark_revoked_in_redis(settings: Settings, key_id: str) -> None:
+    """The revocation marker every service process checks while its database is down."""
+    if settings.embedded_redis:
+        return
+    from redis.asyncio import Redis
+
+    from api.deps import mark_api_key_revoked
+
+    redis = Redis.from_url(settings.redis_url or "", socket_timeout=2, socket_connect_timeout=2)
+    try:
+        await mark_api_key_revoked(redis, key_id, prefix=settings.key_prefix, ttl_s=settings.api_key_stale_s)
+    except Exception as exc:
+        print(f"warning: could not write the revocation marker to Redis ({exc}); the key stops working "
+              f"within TOKENMETER_API_KEY_CACHE_S while the database is up", file=sys.stderr)
+    finally:
+        await redis.aclose()
 
 
 async def cmd_admin(args: argparse.Namespace) -> int:
