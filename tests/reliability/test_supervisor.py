@@ -110,3 +110,32 @@ async def test_job_failures_and_last_success_are_reported(tmp_path: Any) -> None
         assert "injected sweep failure" in ready["jobs"]["hold_sweep"]["last_error"]
         assert _sample("tokenmeter_job_failures_total", job="hold_sweep") == failures_before + 1
         assert ready["ready"] is True  # a failed job run is reported, not a reason to drop the service
+
+
+async def test_scheduled_reconcile_reports_drift(tmp_path: Any) -> None:
+    """TOKENMETER_RECONCILE_EVERY_S > 0: the service reconciles on its own and exposes the drift."""
+    from meter import keys as keyspace
+
+    settings = make_settings(tmp_path, reconcile_every_s=0.2)
+    async with running_app(settings) as api:
+        rt = api.state.rt
+        await rt.meter.open_account("rec-1")
+        assert (await rt.meter.debit("rec-1", 7)).allowed
+        await api.flush()
+
+        async def drift_after_next_run() -> float:
+            """The gauge after a run that started after now (the one in flight may have read earlier)."""
+            for _ in range(2):
+                last = api.state.background.jobs["reconcile"].last_success
+                for _ in range(200):
+                    await asyncio.sleep(0.02)
+                    if api.state.background.jobs["reconcile"].last_success != last:
+                        break
+            return _sample("tokenmeter_reconcile_drifting_accounts")
+
+        assert await drift_after_next_run() == 0
+        # Redis and the ledger disagree (a bucket changed without a journal entry)
+        await rt.redis.hincrby(keyspace.account_keys("rec-1", prefix=rt.settings.key_prefix).account, "b", 1)
+        assert await drift_after_next_run() == 1
+        ready = (await api.client.get("/readyz")).json()
+        assert ready["jobs"]["reconcile"]["failures"] == 0 and ready["jobs"]["reconcile"]["last_success"]
