@@ -236,11 +236,20 @@ class Flusher:
             await self.trim()
         if now - self._last_consumer_gc >= self.config.consumer_gc_every_s:
             self._last_consumer_gc = now
-            await self.remove_idle_consumers()
+            await self._housekeeping(self.remove_idle_consumers)
         if now - self._last_gauges >= self.config.gauges_every_s:
             self._last_gauges = now
-            await self.monitor.refresh()
+            await self._housekeeping(self.monitor.refresh)
         return done
+
+    async def _housekeeping(self, fn: Any) -> None:
+        """Consumer clean-up and gauges: a Redis that refuses them must not stop the flushing."""
+        try:
+            await fn()
+        except rexc.ResponseError as exc:
+            if _lost_group(exc):
+                raise
+            log.warning("flusher housekeeping (%s) failed: %s", getattr(fn, "__name__", fn), exc)
 
     async def drain(self, idle_rounds: int = 2) -> int:
         """Flush until the streams have nothing new (for tests, tools and benchmarks)."""
