@@ -47,6 +47,7 @@ async def test_backlog_per_shard_from_redis(make_meter: MeterFactory) -> None:
     for a in accounts:
         s = keyspace.shard_of(a, meter.shards)
         per_shard[s] = per_shard.get(s, 0) + 5
+    await asyncio.sleep(0.05)  # entry ids are Redis's clock in ms: let the oldest age be > 0
     before = await backlog(redis, shards=meter.shards, prefix=meter.prefix)
     assert {b.shard: b.undelivered for b in before if b.undelivered} == per_shard  # no group yet: all waiting
     assert all(not b.group_exists and b.pending == 0 for b in before)
