@@ -1,5 +1,5 @@
-"""The FastAPI application: `create_app(settings)`; the lifespan owns Redis, the database, the
-in-process flusher and the hold sweeper."""
+"""The FastAPI application: `create_app(settings)`; the lifespan owns Redis, the database and the
+supervised background work (in-process flusher, hold sweep: api/background.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from sqlalchemy import select, update
 
+from api.background import Background
 from api.errors import install_error_handlers
 from api.fastpath import MeterFastPath
-from api.plan_billing import run_period_sweep
+from api.plan_billing import enforce_paid_periods
 from api.runtime import Runtime
 from api.settings import Settings
 from api.state import AppState
-from meter import keys as keyspace
 from persistence import migrate
 from persistence.models import PromoCode
 
@@ -40,20 +40,9 @@ async def _seed_promo_codes(rt: Runtime) -> None:
             max_redemptions=cap))
 
 
-async def _sweep_holds(rt: Runtime, stop: asyncio.Event, every_s: float = 5.0) -> None:
-    """Release expired holds of accounts nobody touches (the lazy release covers the rest)."""
-    while not stop.is_set():
-        try:
-            now = rt.meter.clock.now_ms()
-            for shard in range(rt.settings.shards):
-                due = await rt.redis.zrangebyscore(keyspace.sweep_key(shard, rt.settings.key_prefix),
-                                                   "-inf", now, start=0, num=100)
-                for account_id in due:
-                    await rt.meter.sweep_account(account_id)
-        except Exception as exc:  # keep sweeping after a Redis hiccup
-            log.warning("hold sweep failed: %s", exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)
+async def _plan_sweep(rt: Runtime) -> None:
+    """Paid plans against the months paid for (api/plan_billing.py), as a scheduled job."""
+    await enforce_paid_periods(rt)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,11 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await _seed_promo_codes(rt)
         state = AppState.build(rt)
         app.state.tm = state
-        stop = asyncio.Event()
-        if settings.flusher == "inprocess":
-            state.tasks.append(asyncio.create_task(rt.flusher(consumer="inprocess").run(stop)))
-        state.tasks.append(asyncio.create_task(_sweep_holds(rt, stop)))
-        state.tasks.append(asyncio.create_task(run_period_sweep(rt, stop, settings.plan_period_sweep_s)))
+        # The in-process flusher and the periodic jobs, supervised (api/background.py).
+        state.background = Background.for_app(rt, settings)
+        state.background.every("plan_period_sweep", settings.plan_period_sweep_s, lambda: _plan_sweep(rt))
+        await state.background.start()
         # Everything built so far (app, routes, models, pools) lives as long as the process:
         # out of the cyclic collector's sight, a full collection no longer walks it, which took
         # the long pauses out of the debit's tail latency.
@@ -80,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             gc.unfreeze()  # (several apps in one process, as in the tests: collect as usual again)
-            stop.set()
+            await state.background.stop()
             await asyncio.gather(*state.tasks, return_exceptions=True)
             await rt.close()
 

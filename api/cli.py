@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -51,26 +52,64 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _migrate_when_reachable(rt: Runtime, stop: asyncio.Event) -> None:
+    """Upgrade the schema, waiting out a database that is down or starting (capped backoff)."""
+    from persistence import migrate
+    from persistence.db import DatabaseMisconfigured, is_configuration_error, is_transient
+
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await migrate.upgrade(rt.db)
+            return
+        except Exception as exc:
+            if is_configuration_error(exc):
+                raise DatabaseMisconfigured(str(exc)) from exc
+            if not is_transient(exc):
+                raise
+            logging.getLogger("tokenmeter.flusher").warning(
+                "database not reachable yet, retrying the migration in %.1fs: %s", delay, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 10.0)
+
+
 async def cmd_flusher(args: argparse.Namespace) -> int:
+    from persistence.db import DatabaseMisconfigured
+
     settings = _settings(args)
     if settings.embedded_redis:
         print("tokenmeter flusher needs a real Redis: set REDIS_URL (the embedded Redis lives "
               "inside the service process, whose in-process flusher drains it)", file=sys.stderr)
         return 2
-
-    async def run(rt: Runtime) -> int:
+    rt = await Runtime.start(settings)
+    try:
         flusher = rt.flusher(consumer=args.consumer or "")
-        tune_gc()  # this process only flushes: see persistence.flusher.tune_gc
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        port = settings.flusher_metrics_port if args.metrics_port is None else args.metrics_port
+        if port:
+            from prometheus_client import start_http_server
+
+            host = args.metrics_host or settings.flusher_metrics_host
+            start_http_server(port, addr=host)  # a daemon thread: /metrics of this process
+            print(f"flusher metrics: http://{host}:{port}/metrics", flush=True)
+        tune_gc()  # this process only flushes: see persistence.flusher.tune_gc
         print(f"flusher {flusher.config.consumer}: {len(flusher.streams)} streams -> {rt.db.dialect}",
               flush=True)
-        await flusher.run(stop)
+        try:
+            if settings.migrate_on_start:
+                await _migrate_when_reachable(rt, stop)
+            await flusher.run(stop)
+        except DatabaseMisconfigured as exc:
+            print(f"tokenmeter flusher: the database refuses the connection for good (check DATABASE_URL, "
+                  f"the credentials and that the database exists): {exc}", file=sys.stderr)
+            return 2
         return 0
-
-    return int(await _with_runtime(args, run))
+    finally:
+        await rt.close()
 
 
 async def cmd_rehydrate(args: argparse.Namespace) -> int:
@@ -169,9 +208,29 @@ async def cmd_apikey(args: argparse.Namespace) -> int:
                     return 1
                 row.revoked_at = utcnow()
                 print(f"revoked {args.key_id}")
+        if args.action == "revoke":
+            await _mark_revoked_in_redis(_settings(args), args.key_id)
     finally:
         await db.close()
     return 0
+
+
+async def _mark_revoked_in_redis(settings: Settings, key_id: str) -> None:
+    """The revocation marker every service process checks while its database is down."""
+    if settings.embedded_redis:
+        return
+    from redis.asyncio import Redis
+
+    from api.deps import mark_api_key_revoked
+
+    redis = Redis.from_url(settings.redis_url or "", socket_timeout=2, socket_connect_timeout=2)
+    try:
+        await mark_api_key_revoked(redis, key_id, prefix=settings.key_prefix, ttl_s=settings.api_key_stale_s)
+    except Exception as exc:
+        print(f"warning: could not write the revocation marker to Redis ({exc}); the key stops working "
+              f"within TOKENMETER_API_KEY_CACHE_S while the database is up", file=sys.stderr)
+    finally:
+        await redis.aclose()
 
 
 async def cmd_admin(args: argparse.Namespace) -> int:
@@ -233,7 +292,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--downgrade", metavar="REV", help="downgrade to REV instead (e.g. base)")
     m.set_defaults(fn=cmd_migrate)
     f = sub.add_parser("flusher", help="move journal entries from Redis into the database until stopped")
-    f.add_argument("--consumer", help="consumer name (default: host-pid-random)")
+    f.add_argument("--consumer", help="consumer name, the same on every restart (default: "
+                                      "TOKENMETER_FLUSHER_CONSUMER, else the host name)")
+    f.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (default: TOKENMETER_FLUSHER_METRICS_PORT; 0 = off)")
+    f.add_argument("--metrics-host", default=None, help="address of the metrics port (default 127.0.0.1)")
     f.set_defaults(fn=cmd_flusher)
     r = sub.add_parser("rehydrate", help="load every account missing from Redis from the database")
     r.set_defaults(fn=cmd_rehydrate)

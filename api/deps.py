@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+import time
 
 from fastapi import Depends, Header, HTTPException, Request
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
 from sqlalchemy import select
 
+from api.errors import error_body
 from api.security import Principal, hash_api_key, read_token
 from api.state import AppState, app_state
+from meter import StoreUnavailable
+from meter import keys as keyspace
+from persistence.db import is_transient
 from persistence.models import ApiKey
 
 __all__ = [
-    "authenticate_service", "authorize", "current_user", "require_scope", "service_principal", "service_with_scope",
+    "authenticate_service", "authorize", "current_user", "mark_api_key_revoked", "require_scope",
+    "service_principal", "service_with_scope",
 ]
+
+log = logging.getLogger("tokenmeter.api")
+_KEY_OUTAGE_HOLD_S = 1.0  # during a database outage: one lookup attempt per key per second
+_WARN_EVERY_S = 10.0
+_last_warning = 0.0
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -70,11 +85,59 @@ async def authenticate_service(state: AppState, key: str | None) -> Principal:
     digest = hash_api_key(key)
     hit, principal = state.key_cache.get(digest)
     if not hit:
-        principal = await _lookup(state, key, digest)
-        state.key_cache.put(digest, principal)
+        try:
+            principal = await asyncio.wait_for(_lookup(state, key, digest),
+                                               state.rt.settings.api_key_lookup_timeout_s)
+        except Exception as exc:  # the database cannot answer: the last known verdict, or 503
+            principal = await _last_verdict(state, digest, exc)
+        else:
+            state.key_cache.put(digest, principal)
     if principal is None:
         raise _unauthorized("invalid or revoked API key")
     return principal
+
+
+async def _last_verdict(state: AppState, digest: str, exc: Exception) -> Principal | None:
+    """While the database is down the hot path keeps working: a key verified within
+    api_key_stale_s keeps its verdict unless a revocation marker for it is in Redis; a key not
+    seen recently gets a JSON 503 `ledger_unavailable` (never a plain 500)."""
+    _warn_outage(exc)
+    stale, principal = state.key_cache.get_stale(digest)
+    if not stale:
+        raise HTTPException(503, headers={"Retry-After": "1"}, detail=error_body(
+            "ledger_unavailable", "the key database is unreachable and this key was not verified recently; "
+                                  "retry shortly"))
+    if principal is not None and principal.subject != "master":
+        marker = keyspace.revoked_api_key_key(principal.subject, state.rt.settings.key_prefix)
+        try:
+            revoked = bool(await state.rt.redis.exists(marker))
+        except (redis_errors.RedisError, OSError) as rexc:
+            raise StoreUnavailable(f"cannot check the key's revocation: {rexc}") from rexc
+        if revoked:
+            state.key_cache.put(digest, None)
+            return None
+    state.key_cache.hold(digest, _KEY_OUTAGE_HOLD_S)
+    return principal
+
+
+def _warn_outage(exc: Exception) -> None:
+    """One log line per interval during an outage (not a traceback per request)."""
+    global _last_warning
+    now = time.monotonic()
+    if now - _last_warning < _WARN_EVERY_S:
+        return
+    _last_warning = now
+    if is_transient(exc) or isinstance(exc, TimeoutError):
+        log.warning("API key lookup: database unavailable (%s: %s); serving last known verdicts",
+                    type(exc).__name__, exc)
+    else:
+        log.error("API key lookup failed; serving last known verdicts", exc_info=exc)
+
+
+async def mark_api_key_revoked(redis: Redis, key_id: str, *, prefix: str, ttl_s: float) -> None:
+    """Tell every process that `key_id` is revoked, for as long as they may serve a cached
+    verdict without the database (api_key_stale_s)."""
+    await redis.set(keyspace.revoked_api_key_key(key_id, prefix), "1", ex=max(int(ttl_s), 1))
 
 
 async def _lookup(state: AppState, key: str, digest: str) -> Principal | None:

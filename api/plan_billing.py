@@ -23,8 +23,6 @@ Accounts whose plan an admin set after their last plan payment are left alone.""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -36,8 +34,7 @@ from meter import UnknownAccount
 from meter._clock import month_index
 from persistence.models import Account, TokenPurchase
 
-__all__ = ["apply_paid", "current_period", "enforce_paid_periods", "period_label", "revert_refunded",
-           "run_period_sweep"]
+__all__ = ["apply_paid", "current_period", "enforce_paid_periods", "period_label", "revert_refunded"]
 
 log = logging.getLogger("tokenmeter.plans")
 
@@ -153,14 +150,3 @@ async def enforce_paid_periods(rt: Runtime) -> list[str]:
     if changed:
         log.info("plan periods: %d accounts lapsed or scheduled to lapse", len(changed))
     return changed
-
-
-async def run_period_sweep(rt: Runtime, stop: asyncio.Event, every_s: float) -> None:
-    """Background loop of `enforce_paid_periods` (a Redis or database hiccup waits a round)."""
-    while not stop.is_set():
-        try:
-            await enforce_paid_periods(rt)
-        except Exception as exc:
-            log.warning("plan period sweep failed: %s", exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)

@@ -60,8 +60,10 @@ class Runtime:
 
     def flusher(self, consumer: str = "") -> Flusher:
         s = self.settings
-        config = FlusherConfig(consumer=consumer, batch=s.flusher_batch, block_ms=s.flusher_block_ms,
-                               claim_idle_ms=s.flusher_claim_idle_ms, max_deliveries=s.flusher_max_deliveries)
+        config = FlusherConfig(consumer=consumer or s.flusher_consumer or "", batch=s.flusher_batch,
+                               block_ms=s.flusher_block_ms, claim_idle_ms=s.flusher_claim_idle_ms,
+                               max_deliveries=s.flusher_max_deliveries,
+                               consumer_idle_delete_ms=s.flusher_consumer_idle_delete_ms)
         return Flusher(self.redis, LedgerWriter(self.db, self.catalog), shards=s.shards,
                        prefix=s.key_prefix, config=config)
 

@@ -70,11 +70,15 @@ class Principal:
 
 
 class ApiKeyCache:
-    """Verified keys, by digest, for `ttl` seconds: a revoked key stops working within that time."""
+    """Verified keys, by digest: fresh for `ttl` seconds (a revocation reaches every process
+    within that time while the database is up), then kept as the last known verdict for
+    `stale_ttl` seconds, served only while the database cannot be asked (`get_stale`)."""
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, stale_ttl: float = 0.0) -> None:
         self.ttl = ttl
-        self._entries: dict[str, tuple[float, Principal | None]] = {}
+        self.stale_ttl = stale_ttl
+        # digest -> (fresh until, principal, verified at): monotonic seconds
+        self._entries: dict[str, tuple[float, Principal | None, float]] = {}
 
     def get(self, digest: str) -> tuple[bool, Principal | None]:
         hit = self._entries.get(digest)
@@ -82,10 +86,25 @@ class ApiKeyCache:
             return False, None
         return True, hit[1]
 
+    def get_stale(self, digest: str) -> tuple[bool, Principal | None]:
+        """The last verdict of a key verified within `stale_ttl` seconds, fresh or not."""
+        hit = self._entries.get(digest)
+        if hit is None or hit[2] + self.stale_ttl < time.monotonic():
+            return False, None
+        return True, hit[1]
+
     def put(self, digest: str, principal: Principal | None) -> None:
         if len(self._entries) > 10_000:
             self._entries.clear()
-        self._entries[digest] = (time.monotonic() + self.ttl, principal)
+        now = time.monotonic()
+        self._entries[digest] = (now + self.ttl, principal, now)
+
+    def hold(self, digest: str, seconds: float) -> None:
+        """Serve a stale verdict as fresh for `seconds` (one database attempt per key per
+        interval during an outage), without renewing its verification time."""
+        hit = self._entries.get(digest)
+        if hit is not None:
+            self._entries[digest] = (time.monotonic() + seconds, hit[1], hit[2])
 
     def clear(self) -> None:
         self._entries.clear()

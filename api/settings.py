@@ -33,6 +33,24 @@ class Settings(BaseSettings):
     flusher_block_ms: int = Field(default=200, ge=1, le=60_000)
     flusher_claim_idle_ms: int = Field(default=30_000, ge=100)
     flusher_max_deliveries: int = Field(default=5, ge=1)
+    flusher_consumer: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="consumer name of `tokenmeter flusher` (--consumer overrides); unset = the host name. "
+                    "Keep it the same across restarts: a restart then re-reads its own pending entries at once")
+    flusher_consumer_idle_delete_ms: int = Field(
+        default=3_600_000, ge=60_000,
+        description="a flusher consumer idle this long with no pending entries is removed from the groups")
+    flusher_metrics_port: int = Field(default=0, ge=0, le=65535,
+                                      description="`tokenmeter flusher` serves Prometheus /metrics here; 0 = off")
+    flusher_metrics_host: str = Field(default="127.0.0.1", description="address of the flusher's metrics port")
+    background_supervise_s: float = Field(default=1.0, gt=0, le=60,
+                                          description="how often the supervisor checks the background tasks")
+    background_restart_backoff_s: float = Field(
+        default=1.0, gt=0, le=60, description="first delay before a crashed background task is restarted (doubles)")
+    background_restart_backoff_max_s: float = Field(default=30.0, gt=0, le=600)
+    hold_sweep_s: float = Field(default=5.0, gt=0, le=3600, description="period of the expired-hold sweep")
+    reconcile_every_s: float = Field(
+        default=0, ge=0, description="run a reconcile (Redis vs ledger) this often in the service; 0 = off")
 
     jwt_secret: str | None = Field(
         default=None, description="HS256 secret for user tokens; unset = random per start (dev only)")
@@ -41,6 +59,13 @@ class Settings(BaseSettings):
         default=None, description="bootstrap service key with meter+admin scopes (TOKENMETER_MASTER_KEY)")
     api_key_cache_s: float = Field(default=5.0, ge=0, le=300,
                                    description="verified API keys are cached this long; revocation lag")
+    api_key_stale_s: float = Field(
+        default=86_400, ge=0, le=30 * 86_400,
+        description="while the database is down, a key verified within this time keeps its last verdict "
+                    "(a revocation reaches every process through a Redis marker kept as long)")
+    api_key_lookup_timeout_s: float = Field(default=2.0, gt=0, le=60,
+                                            description="a key lookup in the database gives up after this")
+    readyz_timeout_s: float = Field(default=2.0, gt=0, le=60, description="each /readyz check gives up after this")
     migrate_on_start: bool = True
     promo_max_failures: int = Field(default=5, ge=1, description="failed promo attempts per account per window")
     promo_failure_window_s: int = Field(default=900, ge=1)

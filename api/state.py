@@ -20,12 +20,13 @@ class AppState:
     jwt_secret: str
     key_cache: ApiKeyCache
     tasks: list[Any] = field(default_factory=list)
+    background: Any = None  # api.background.Background, set by the lifespan
 
     @classmethod
     def build(cls, rt: Runtime) -> AppState:
         s = rt.settings
         return cls(rt=rt, jwt_secret=s.jwt_secret or secrets.token_urlsafe(32),
-                   key_cache=ApiKeyCache(s.api_key_cache_s))
+                   key_cache=ApiKeyCache(s.api_key_cache_s, s.api_key_stale_s))
 
 
 async def app_state(request: Request) -> AppState:  # async: no thread-pool hop per request

@@ -109,9 +109,9 @@ async def main_async(args: argparse.Namespace) -> None:
             env = {**os.environ, "REDIS_URL": args.redis_url, "DATABASE_URL": pg_url,
                    "TOKENMETER_KEY_PREFIX": prefix, "TOKENMETER_FLUSHER_BATCH": str(args.batch),
                    "TOKENMETER_FLUSHER_BLOCK_MS": "10"}
-            procs = [subprocess.Popen([sys.executable, "-m", "api.cli", "flusher"], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                     for _ in range(args.flushers)]
+            procs = [subprocess.Popen([sys.executable, "-m", "api.cli", "flusher", "--consumer", f"bench-{i}"],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for i in range(args.flushers)]  # one name each: names are stable, not random
             first, start = await _wait_rows(pg_url, 1)  # time from the first committed batch on
             await _wait_rows(pg_url, len(rows))
             flush_rate = (len(rows) - first) / (time.perf_counter() - start)

@@ -11,7 +11,7 @@ import zlib
 from typing import NamedTuple
 
 __all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "account_keys", "journal_key", "promo_failures_key",
-           "shard_of", "shard_tag", "sweep_key"]
+           "revoked_api_key_key", "shard_of", "shard_tag", "sweep_key"]
 
 PREFIX = "tm"
 DEFAULT_SHARDS = 64
@@ -62,3 +62,9 @@ def account_keys(
         journal=f"{tag}:journal",
         idempotency=f"{tag}:idem:{account_id}:{request_id}",
     )
+
+
+def revoked_api_key_key(key_id: str, prefix: str = PREFIX) -> str:
+    """String set when a service key is revoked: every process checks it before serving a
+    cached verdict while the database is down."""
+    return f"{prefix}:revoked-api-key:{key_id}"

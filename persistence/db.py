@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+from sqlalchemy import exc as saexc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-__all__ = ["Database", "normalize_url"]
+__all__ = ["Database", "DatabaseMisconfigured", "is_configuration_error", "is_transient", "normalize_url"]
 
 
 def normalize_url(url: str) -> str:
@@ -20,6 +22,71 @@ def normalize_url(url: str) -> str:
     elif u.drivername == "sqlite":
         u = u.set(drivername="sqlite+aiosqlite")
     return u.render_as_string(hide_password=False)
+
+
+# SQLSTATEs of faults that pass: connection (08), restart or shutdown under way (57P01 admin
+# shutdown, 57P02 crash shutdown, 57P03 "the database system is starting up" / "not yet
+# accepting connections"), resources (53: too many clients, out of memory, disk full),
+# transaction rollback (40001 serialization, 40P01 deadlock).
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P01", "57P02", "57P03", "40001", "40P01")
+# Faults no wait cures: authentication (28), database does not exist (3D000).
+_CONFIG_SQLSTATE_PREFIXES = ("28", "3D000")
+
+
+class DatabaseMisconfigured(Exception):
+    """The database refuses us for good (bad URL, authentication, no such database)."""
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, what it wraps (SQLAlchemy's .orig) and its causes, a few levels deep."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo and len(seen) < 12:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        orig = getattr(e, "orig", None)
+        todo += [orig if isinstance(orig, BaseException) else None, e.__cause__, e.__context__]
+
+
+def _sqlstate(e: BaseException) -> str:
+    return str(getattr(e, "sqlstate", "") or getattr(e, "pgcode", "") or "")
+
+
+def is_configuration_error(exc: BaseException) -> bool:
+    """A fault that waiting does not cure: a bad URL or driver, an authentication failure, a
+    database that does not exist."""
+    for e in _chain(exc):
+        if isinstance(e, saexc.ArgumentError | saexc.NoSuchModuleError | DatabaseMisconfigured):
+            return True
+        if _sqlstate(e).startswith(_CONFIG_SQLSTATE_PREFIXES):
+            return True
+    return False
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database fault worth waiting out (connection refused or reset, the server starting up
+    or shutting down, too many clients, a serialization failure), however the driver or
+    SQLAlchemy wraps it. Raw asyncpg errors count too: the ledger's COPY path talks to asyncpg
+    directly, and SQLAlchemy passes a refused connect through unwrapped."""
+    if is_configuration_error(exc):
+        return False
+    for e in _chain(exc):
+        if isinstance(e, OSError | TimeoutError | ConnectionError):
+            return True
+        if isinstance(e, saexc.OperationalError | saexc.InterfaceError):
+            return True
+        if isinstance(e, saexc.DBAPIError) and e.connection_invalidated:
+            return True
+        if _sqlstate(e).startswith(_TRANSIENT_SQLSTATE_PREFIXES):
+            return True
+        # asyncpg's client-side connection faults carry no SQLSTATE
+        if type(e).__name__ in ("ConnectionDoesNotExistError", "InterfaceError", "InternalClientError") \
+                and type(e).__module__.startswith("asyncpg"):
+            return "closed" in str(e) or "does not exist" in str(e) or "connection" in str(e).lower()
+    return False
 
 
 class Database:

@@ -6,8 +6,15 @@ idempotent by transaction id → COMMIT → XACK → now and then XTRIM each str
 oldest unacknowledged entry (never MAXLEN: that would drop unflushed entries).
 Entries a dead consumer left pending are taken over with XAUTOCLAIM; an entry delivered more
 than `max_deliveries` times, or one that cannot be parsed or written, goes to the dead-letter
-stream with the reason, a log line and a metric — never dropped silently. Database down:
-retry with backoff, nothing acked. Redis down: wait and resume.
+stream with the reason, a log line and a metric — never dropped silently. Database down,
+restarting or refusing (any transient fault, persistence.db.is_transient): retry with capped
+backoff, nothing acked; only a configuration error (authentication, no such database) ends the
+loop (DatabaseMisconfigured). Redis down: wait and resume. A stream or group that vanished
+(FLUSHALL, DEL: NOGROUP, "UNBLOCKED the stream key no longer exists"): create the groups again.
+
+The consumer name is stable (the host name by default, or --consumer), so a restarted flusher
+reads its own pending entries at once instead of waiting claim_idle_ms for a claim; consumers
+idle past consumer_idle_delete_ms with nothing pending are removed from the groups.
 """
 
 from __future__ import annotations
@@ -17,10 +24,8 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import socket
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +36,8 @@ from redis.asyncio import Redis
 
 from meter import keys as keyspace
 from persistence import metrics
+from persistence.backlog import BacklogMonitor, shard_backlog
+from persistence.db import DatabaseMisconfigured, is_configuration_error, is_transient
 from persistence.ledger import (
     DatabaseUnavailable,
     LedgerWriter,
@@ -40,7 +47,7 @@ from persistence.ledger import (
     prepare,
 )
 
-__all__ = ["Flusher", "FlusherConfig", "FlusherStats", "dead_letter_key", "tune_gc"]
+__all__ = ["Flusher", "FlusherConfig", "FlusherStats", "dead_letter_key", "default_consumer", "tune_gc"]
 
 log = logging.getLogger("tokenmeter.flusher")
 
@@ -62,10 +69,23 @@ def dead_letter_key(prefix: str = keyspace.PREFIX) -> str:
     return f"{prefix}:deadletter"
 
 
+def default_consumer(suffix: str = "") -> str:
+    """The same name on every start of the same deployment: the host name (a container's
+    hostname is fixed per service replica), plus a suffix for the in-process flusher."""
+    return socket.gethostname() + (f"-{suffix}" if suffix else "")
+
+
+def _lost_group(exc: rexc.ResponseError) -> bool:
+    """The stream or its consumer group no longer exists (FLUSHALL, DEL of the stream, a
+    blocked XREADGROUP unblocked by the deletion)."""
+    text = str(exc)
+    return "NOGROUP" in text or "UNBLOCKED" in text or "no longer exists" in text
+
+
 @dataclass(slots=True)
 class FlusherConfig:
     group: str = "tm-flusher"
-    consumer: str = ""  # default: host-pid-random
+    consumer: str = ""  # default: default_consumer() (stable across restarts)
     # Entries per database transaction; each XREADGROUP asks every stream for batch // 16.
     # Large on purpose: a batch also upserts the snapshot of every account in it, so with many
     # accounts the snapshot work per row falls as the batch grows (2,000 -> 8,000 took one
@@ -78,6 +98,11 @@ class FlusherConfig:
     writers: int = 2  # database transactions in flight at once
     trim_every_s: float = 5.0
     backoff_max_s: float = 5.0
+    # A consumer this idle with nothing pending is gone for good (an old name): removed from
+    # the groups. Far above claim_idle_ms and any live flusher's idle (a read every block_ms).
+    consumer_idle_delete_ms: int = 3_600_000
+    consumer_gc_every_s: float = 60.0
+    gauges_every_s: float = 1.0  # backlog gauges from Redis (persistence/backlog.py)
 
 
 @dataclass(slots=True)
@@ -88,6 +113,8 @@ class FlusherStats:
     dead_letters: int = 0
     forks: list[str] = field(default_factory=list)
     db_retries: int = 0
+    groups_recreated: int = 0
+    consumers_removed: list[str] = field(default_factory=list)
 
 
 class Flusher:
@@ -100,7 +127,7 @@ class Flusher:
         self.prefix = prefix
         self.config = config or FlusherConfig()
         if not self.config.consumer:
-            self.config.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            self.config.consumer = default_consumer()
         self.streams = [keyspace.journal_key(s, prefix) for s in range(shards)]
         # XREADGROUP with its reply as Redis sent it (same connection pool): redis-py's
         # conversion, a dict built in Python per entry, was the flusher's largest cost.
@@ -112,6 +139,10 @@ class Flusher:
         self._own_pending_done = False
         self._last_claim = 0.0
         self._last_trim = 0.0
+        self._last_consumer_gc = 0.0
+        self._last_gauges = 0.0
+        self.monitor = BacklogMonitor(redis, self.streams, group=self.config.group,
+                                      max_age_s=self.config.gauges_every_s)
         self._stop = asyncio.Event()
         self._prefetch: asyncio.Future[list[Entry]] | None = None
 
@@ -141,6 +172,16 @@ class Flusher:
                 delay = 0.05
             except DatabaseUnavailable:
                 break  # only raised once stop is set
+            except rexc.ResponseError as exc:
+                if not _lost_group(exc):
+                    raise
+                log.warning("journal stream or consumer group gone (%s): creating the groups again", exc)
+                self.stats.groups_recreated += 1
+                metrics.GROUPS_RECREATED.inc()
+                self._ready = False
+                self._own_pending_done = False
+                self._drop_prefetch()
+                await _sleep_or_stop(stop, 0.05)
             except _REDIS_DOWN as exc:
                 log.warning("redis unavailable, retrying in %.2fs: %s", delay, exc)
                 await _sleep_or_stop(stop, delay)
@@ -151,6 +192,15 @@ class Flusher:
                 self._own_pending_done = False
         await self._finish()
 
+    def _drop_prefetch(self) -> None:
+        """Forget a read-ahead (its entries stay pending, or are gone with their stream)."""
+        if self._prefetch is not None:
+            prefetch, self._prefetch = self._prefetch, None
+            if not prefetch.done():
+                prefetch.cancel()
+            elif not prefetch.cancelled():
+                prefetch.exception()  # retrieved: no "exception never retrieved" warning
+
     async def _finish(self) -> None:
         """Write what a read-ahead already took (else it waits, pending, for a restart or a claim)."""
         if self._prefetch is None:
@@ -158,7 +208,7 @@ class Flusher:
         prefetch, self._prefetch = self._prefetch, None
         try:
             await self._process(await prefetch)
-        except (DatabaseUnavailable, *_REDIS_DOWN) as exc:
+        except (DatabaseUnavailable, rexc.ResponseError, *_REDIS_DOWN) as exc:
             log.warning("stopping with read entries unwritten (they stay pending): %s", exc)
 
     async def step(self) -> int:
@@ -180,10 +230,26 @@ class Flusher:
         if entries:  # a backlog: read the next batch while this one is written
             self._prefetch = asyncio.ensure_future(self._read(">", block=self.config.block_ms))
         done += await self._process(entries)
-        if time.monotonic() - self._last_trim >= self.config.trim_every_s:
-            self._last_trim = time.monotonic()
+        now = time.monotonic()
+        if now - self._last_trim >= self.config.trim_every_s:
+            self._last_trim = now
             await self.trim()
+        if now - self._last_consumer_gc >= self.config.consumer_gc_every_s:
+            self._last_consumer_gc = now
+            await self._housekeeping(self.remove_idle_consumers)
+        if now - self._last_gauges >= self.config.gauges_every_s:
+            self._last_gauges = now
+            await self._housekeeping(self.monitor.refresh)
         return done
+
+    async def _housekeeping(self, fn: Any) -> None:
+        """Consumer clean-up and gauges: a Redis that refuses them must not stop the flushing."""
+        try:
+            await fn()
+        except rexc.ResponseError as exc:
+            if _lost_group(exc):
+                raise
+            log.warning("flusher housekeeping (%s) failed: %s", getattr(fn, "__name__", fn), exc)
 
     async def drain(self, idle_rounds: int = 2) -> int:
         """Flush until the streams have nothing new (for tests, tools and benchmarks)."""
@@ -297,14 +363,22 @@ class Flusher:
         return len(prepared)
 
     async def _write(self, parsed: list[Prepared]) -> WriteResult:
-        """Write one batch, retrying with backoff while the database is unreachable."""
+        """Write one batch, retrying with capped backoff through any transient database fault
+        (down, restarting, shutting down, too many clients, serialization failure). A
+        configuration error (authentication, no such database) raises DatabaseMisconfigured."""
         delay = 0.05
         while True:
             try:
                 return await self.writer.write(parsed)
-            except DatabaseUnavailable as exc:
-                if self._stop.is_set():
+            except RowsRejected:
+                raise
+            except Exception as exc:
+                if is_configuration_error(exc):
+                    raise DatabaseMisconfigured(f"the database refuses the flusher: {exc}") from exc
+                if not (isinstance(exc, DatabaseUnavailable) or is_transient(exc)):
                     raise
+                if self._stop.is_set():
+                    raise DatabaseUnavailable(str(exc)) from exc
                 self.stats.db_retries += 1
                 metrics.DB_ERRORS.inc()
                 log.warning("database unavailable, retrying batch of %d in %.2fs: %s",
@@ -334,8 +408,11 @@ class Flusher:
 
     async def trim(self) -> None:
         """XTRIM each stream below its oldest pending entry (or its last delivered one)."""
-        for shard, stream in enumerate(self.streams):
-            groups = await self.redis.xinfo_groups(stream)
+        for stream in self.streams:
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except rexc.ResponseError:  # no such stream (yet, or any more): nothing to trim
+                continue
             g = next((g for g in groups if g["name"] == self.config.group), None)
             if g is None:
                 continue
@@ -343,32 +420,41 @@ class Flusher:
                 continue
             pending = await self.redis.xpending(stream, self.config.group)
             boundary = pending["min"] if pending["pending"] else g["last-delivered-id"]
-            metrics.PENDING.labels(shard=str(shard)).set(pending["pending"])
-            metrics.LAG_SECONDS.labels(shard=str(shard)).set(await self._lag(stream, pending, g))
             if boundary and boundary != "0-0":
                 await self.redis.xtrim(stream, minid=boundary, approximate=False)
 
-    async def _lag(self, stream: str, pending: dict[str, Any], group: dict[str, Any]) -> float:
-        oldest = pending["min"] if pending["pending"] else None
-        if oldest is None:
-            nxt = await self.redis.xrange(stream, min=f"({group['last-delivered-id']}", count=1)
-            oldest = nxt[0][0] if nxt else None
-        if oldest is None:
-            return 0.0
-        return max(time.time() - int(str(oldest).split("-")[0]) / 1000, 0.0)
-
     async def lag(self) -> dict[str, Any]:
         """Pending count and oldest unflushed entry age over all shards."""
-        total_pending, worst = 0, 0.0
-        for stream in self.streams:
-            groups = await self.redis.xinfo_groups(stream)
-            g = next((g for g in groups if g["name"] == self.config.group), None)
-            if g is None:
+        shards = await shard_backlog(self.redis, self.streams, group=self.config.group)
+        return {"pending": sum(b.pending for b in shards),
+                "oldest_unflushed_seconds": max((b.oldest_unacked_age_s for b in shards), default=0.0)}
+
+    async def remove_idle_consumers(self) -> list[str]:
+        """XGROUP DELCONSUMER every other consumer idle past consumer_idle_delete_ms with no
+        pending entries (names of dead flushers; with stable names there are few)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xinfo_consumers(stream, self.config.group)
+            replies = await pipe.execute(raise_on_error=False)
+        removed: list[str] = []
+        for stream, consumers in zip(self.streams, replies, strict=True):
+            if isinstance(consumers, Exception):  # no stream or group here
                 continue
-            pending = await self.redis.xpending(stream, self.config.group)
-            total_pending += pending["pending"]
-            worst = max(worst, await self._lag(stream, pending, g))
-        return {"pending": total_pending, "oldest_unflushed_seconds": worst}
+            for c in consumers:
+                name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+                if name == self.config.consumer or int(c["pending"]) \
+                        or int(c["idle"]) < self.config.consumer_idle_delete_ms:
+                    continue
+                lost = await self.redis.xgroup_delconsumer(stream, self.config.group, name)
+                if lost:  # it read entries between XINFO and now: a live flusher after all
+                    log.error("removed consumer %s on %s had %s pending entries: they are redelivered "
+                              "only by a rewind (XGROUP SETID); run `tokenmeter reconcile`", name, stream, lost)
+                removed.append(f"{stream}/{name}")
+        if removed:
+            log.info("removed %d idle consumer entries (pending none): %s", len(removed), ", ".join(removed[:10]))
+            metrics.CONSUMERS_REMOVED.inc(len(removed))
+            self.stats.consumers_removed += removed
+        return removed
 
 
 def _as_is(reply: Any, **_: Any) -> Any:

@@ -3,6 +3,7 @@ balance is a journal entry naming who made it and why."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path
 from pydantic import BaseModel, Field
 from sqlalchemy import or_, select
 
-from api.deps import require_scope
+from api.deps import mark_api_key_revoked, require_scope
 from api.errors import error_body, field_names
 from api.routes.plans import change_plan
 from api.security import Principal, hash_api_key, new_api_key
@@ -21,6 +22,7 @@ from persistence.models import Account, ApiKey, PromoCode, utcnow
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 
 admin = require_scope("admin")
+log = logging.getLogger("tokenmeter.api")
 
 
 class KeyIn(BaseModel):
@@ -49,7 +51,8 @@ async def list_keys(_: Principal = Depends(admin), state: AppState = Depends(app
                  "revoked": r.revoked_at is not None} for r in rows]
 
 
-@router.delete("/api-keys/{key_id}", summary="Revoke a key (effective within the key cache time)")
+@router.delete("/api-keys/{key_id}",
+               summary="Revoke a key (effective within the key cache time; at once for cached verdicts)")
 async def revoke_key(key_id: Annotated[str, Path(pattern=r"^[0-9a-f]{1,32}$")], _: Principal = Depends(admin),
                      state: AppState = Depends(app_state)
                      ) -> dict[str, Any]:
@@ -59,6 +62,11 @@ async def revoke_key(key_id: Annotated[str, Path(pattern=r"^[0-9a-f]{1,32}$")], 
             raise HTTPException(404, detail=error_body("not_found", f"no API key {key_id!r}"))
         row.revoked_at = utcnow()
     state.key_cache.clear()  # this process stops accepting it at once; others within the cache time
+    try:  # and others at once too while they serve cached verdicts during a database outage
+        await mark_api_key_revoked(state.rt.redis, key_id, prefix=state.rt.settings.key_prefix,
+                                   ttl_s=state.rt.settings.api_key_stale_s)
+    except Exception as exc:
+        log.warning("revoked %s, but could not write its revocation marker to Redis: %s", key_id, exc)
     return {"id": key_id, "revoked": True}
 
 

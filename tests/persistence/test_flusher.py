@@ -248,6 +248,7 @@ async def test_redis_restart_flusher_waits_and_resumes(database: Any, tmp_path: 
 
     from meter import StoreUnavailable
     from meter._catalog import load_catalog
+    from tests.processes import start_process, stop_process
 
     server = shutil.which("redis-server")
     if server is None:
@@ -259,7 +260,7 @@ async def test_redis_restart_flusher_waits_and_resumes(database: Any, tmp_path: 
            "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"]
 
     async def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = start_process(cmd)
         for _ in range(100):
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", port)
@@ -267,7 +268,7 @@ async def test_redis_restart_flusher_waits_and_resumes(database: Any, tmp_path: 
                 return proc
             except OSError:
                 await asyncio.sleep(0.05)
-        proc.kill()
+        stop_process(proc)
         raise AssertionError("redis-server did not start")
 
     proc = await start()
@@ -308,8 +309,7 @@ async def test_redis_restart_flusher_waits_and_resumes(database: Any, tmp_path: 
         assert len(checks) == 5 and all(c.ok for c in checks), checks
     finally:
         await meter.close()
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
 
 
 @pytest.mark.parametrize("backend", LUA_BACKENDS)

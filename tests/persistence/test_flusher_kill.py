@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from persistence.db import Database
 from persistence.models import TokenTransaction
 from persistence.reconcile import reconcile
 from tests.conftest import MeterFactory
+from tests.processes import start_process, stop_process
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow,
               pytest.mark.usefixtures("real_redis")]
@@ -28,8 +30,7 @@ KILL_EVERY_S = 2.0
 
 
 def start_flusher(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "api.cli", "flusher"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return start_process([sys.executable, "-m", "api.cli", "flusher"], env=env)
 
 
 async def test_flusher_killed_every_2s_loses_and_duplicates_nothing(make_meter: MeterFactory,
@@ -59,22 +60,22 @@ async def test_flusher_killed_every_2s_loses_and_duplicates_nothing(make_meter: 
             proc = start_flusher(env)
 
     killing = asyncio.create_task(killer())
-    allowed: list[str] = []
-    queue = list(range(DEBITS))
-
-    async def client() -> None:
-        while queue:
-            k = queue.pop()
-            d = await meter.debit(accounts[k % ACCOUNTS], 1 + k % 5, agent="code", model="haiku")
-            if d.allowed:
-                assert d.transaction_id is not None
-                allowed.append(d.transaction_id)
-
-    await asyncio.gather(*(client() for _ in range(200)))
-    await asyncio.sleep(KILL_EVERY_S * 1.5)  # at least one more kill while it catches up
-    stop_killer.set()
-    await killing
     try:
+        allowed: list[str] = []
+        queue = list(range(DEBITS))
+
+        async def client() -> None:
+            while queue:
+                k = queue.pop()
+                d = await meter.debit(accounts[k % ACCOUNTS], 1 + k % 5, agent="code", model="haiku")
+                if d.allowed:
+                    assert d.transaction_id is not None
+                    allowed.append(d.transaction_id)
+
+        await asyncio.gather(*(client() for _ in range(200)))
+        await asyncio.sleep(KILL_EVERY_S * 1.5)  # at least one more kill while it catches up
+        stop_killer.set()
+        await killing
         deadline = time.monotonic() + 120
         expected = len(allowed) + ACCOUNTS  # the debits and the welcome allowances
         while time.monotonic() < deadline:
@@ -87,9 +88,12 @@ async def test_flusher_killed_every_2s_loses_and_duplicates_nothing(make_meter: 
             if count >= expected and pending == 0:
                 break
             await asyncio.sleep(0.5)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait)
+    finally:  # however the test ends: no flusher left running
+        stop_killer.set()
+        killing.cancel()
+        with contextlib.suppress(BaseException):
+            await killing
+        await asyncio.to_thread(stop_process, proc)
     assert kills >= 3
     assert len(allowed) == DEBITS  # pro plan: 5,000 requests a day, 250,000 tokens: all fit
     async with db.sessions() as s:

@@ -147,10 +147,10 @@ async def test_reconcile_command_exits_nonzero_on_drift(make_meter: MeterFactory
         env = {**os.environ, "DATABASE_URL": pg_database, "REDIS_URL": "redis://127.0.0.1:6379/0",
                "TOKENMETER_KEY_PREFIX": meter.prefix}
         cmd = [sys.executable, "-m", "api.cli", "reconcile"]
-        ok = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True)
+        ok = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=120)
         assert ok.returncode == 0, ok.stdout + ok.stderr
         await meter.store.redis.hincrby(keyspace.account_keys("cli-1", prefix=meter.prefix).account, "b", 1)  # type: ignore[attr-defined]
-        bad = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True)
+        bad = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=120)
         assert bad.returncode == 1 and "cli-1" in bad.stdout and "drift" in bad.stdout
     finally:
         await db.close()
