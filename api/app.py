@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.unfreeze()  # (several apps in one process, as in the tests: collect as usual again)
             stop.set()
             await asyncio.gather(*state.tasks, return_exceptions=True)
+            state.auth.close()
             await rt.close()
 
     app = FastAPI(

@@ -1135,6 +1135,7 @@ def _fresh_user(live: Live) -> str:
     assert live.api is not None
     account = f"u_{uuid.uuid4().hex[:16]}"
     live.run(live.api.state.rt.meter.open_account(account))
+    live.run(live.api.add_account_row(account))
     return "Bearer " + issue_token(live.api.state.jwt_secret, account, 3600)
 
 
