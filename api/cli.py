@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 
+from api.redact import mask_url
 from api.runtime import Runtime
 from api.settings import Settings
 from persistence.flusher import tune_gc
@@ -126,10 +127,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.jwt_secret:  # one secret for every worker; user tokens end with this run
         os.environ["TOKENMETER_JWT_SECRET"] = secrets.token_urlsafe(32)
         key_note += "\n  user tokens: signed with a per-run secret (set TOKENMETER_JWT_SECRET to keep them valid)"
-    redis = settings.redis_url or "embedded in-process Redis (fakeredis with Lua; data lives in this process)"
+    redis = mask_url(settings.redis_url) if settings.redis_url else \
+        "embedded in-process Redis (fakeredis with Lua; data lives in this process)"
     print(f"tokenmeter listening on http://{args.host}:{args.port}  (docs: http://{args.host}:{args.port}/docs)")
     print(f"  redis:    {redis}")
-    print(f"  database: {settings.database_url}")
+    print(f"  database: {mask_url(settings.database_url)}")
     print(f"  flusher:  {settings.flusher}")
     print(f"  {key_note}")
     print("  service keys: tokenmeter apikey create --name my-gateway --scopes meter  "

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 __all__ = ["Database", "normalize_url"]
+
+log = logging.getLogger("tokenmeter.db")
 
 
 def normalize_url(url: str) -> str:
@@ -20,6 +24,20 @@ def normalize_url(url: str) -> str:
     elif u.drivername == "sqlite":
         u = u.set(drivername="sqlite+aiosqlite")
     return u.render_as_string(hide_password=False)
+
+
+def _create_private(path: str | None) -> None:
+    """Create the SQLite file readable by its owner only (0600) before SQLite opens it: it holds
+    password hashes and every user's history. SQLite gives its -wal and -shm files the same mode."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            log.warning("the SQLite database %s is readable by other users; chmod 600 it", path)
+    except OSError:
+        pass  # a directory that does not exist: SQLite reports it when it opens the file
 
 
 class Database:
@@ -37,6 +55,8 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False, class_=AsyncSession)
         if self.dialect == "sqlite":
             from sqlalchemy import event
+
+            _create_private(make_url(self.url).database)
 
             @event.listens_for(self.engine.sync_engine, "connect")
             def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
