@@ -15,7 +15,7 @@ from api.errors import error_body
 from api.settings import Settings
 from meter import keys as keyspace
 
-__all__ = ["AuthLimits", "LoginAttempt"]
+__all__ = ["AuthLimits", "LoginAttempt", "login_subjects"]
 
 _STRIKES_TTL_S = 86_400  # lockouts within a day of each other grow; after a quiet day they start over
 
@@ -33,6 +33,13 @@ class LoginAttempt:
     account: keyspace.LoginKeys
     address: keyspace.LoginKeys
     counts: tuple[int, int]  # failures in the window, this attempt included: (account, address)
+
+
+def login_subjects(email: str, address: str, prefix: str) -> tuple[keyspace.LoginKeys, keyspace.LoginKeys]:
+    """The failed-login keys of an (already normalized) email and of a client address."""
+    digest = hashlib.sha256(email.encode()).hexdigest()[:32]  # no email addresses in key names
+    return (keyspace.login_keys(f"acct:{digest}", prefix),
+            keyspace.login_keys(f"addr:{limit_subject(address)}", prefix))
 
 
 class AuthLimits:
@@ -63,10 +70,7 @@ class AuthLimits:
     async def begin_login(self, email: str, address: str) -> LoginAttempt:
         """429 while the account or the address is locked out; otherwise the attempt is counted
         (before the password is checked, so a burst of parallel guesses cannot outrun the count)."""
-        prefix = self.s.key_prefix
-        digest = hashlib.sha256(email.encode()).hexdigest()[:32]  # no addresses in key names
-        account = keyspace.login_keys(f"acct:{digest}", prefix)
-        by_address = keyspace.login_keys(f"addr:{limit_subject(address)}", prefix)
+        account, by_address = login_subjects(email, address, self.s.key_prefix)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.pttl(account.lockout)
             pipe.pttl(by_address.lockout)
