@@ -4,20 +4,38 @@ account and per address, with a lockout that doubles each time it is hit again."
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import HTTPException
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from api.client_address import limit_subject
 from api.errors import error_body
 from api.settings import Settings
+from meter import StoreUnavailable
 from meter import keys as keyspace
 
 __all__ = ["AuthLimits", "LoginAttempt", "login_subjects"]
 
+F = TypeVar("F", bound=Callable[..., Any])
 _STRIKES_TTL_S = 86_400  # lockouts within a day of each other grow; after a quiet day they start over
+
+
+def _fail_closed(method: F) -> F:
+    """Redis unreachable: 503 (StoreUnavailable), as the meter does; never a 500, never unlimited."""
+    @functools.wraps(method)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"auth limits: {exc}") from exc
+
+    return guarded  # type: ignore[return-value]
 
 
 def _too_many(error: str, message: str, retry_after_s: int) -> HTTPException:
@@ -55,6 +73,7 @@ class AuthLimits:
             count, _, ttl = await pipe.execute()
         return int(count), int(ttl)
 
+    @_fail_closed
     async def check_registration(self, address: str) -> None:
         """Count a registration attempt; 429 past the per-address or the global limit. The
         address is checked first, so one address over its limit does not use up the global one."""
@@ -67,6 +86,7 @@ class AuthLimits:
         if count > s.register_global:
             raise _too_many("too_many_registrations", "registrations are paused for a while", ttl)
 
+    @_fail_closed
     async def begin_login(self, email: str, address: str) -> LoginAttempt:
         """429 while the account or the address is locked out; otherwise the attempt is counted
         (before the password is checked, so a burst of parallel guesses cannot outrun the count)."""
@@ -85,6 +105,7 @@ class AuthLimits:
             raise _too_many("too_many_attempts", "too many failed logins", self.s.login_lockout_s)
         return LoginAttempt(account, by_address, (counts[0], counts[1]))
 
+    @_fail_closed
     async def login_failed(self, attempt: LoginAttempt) -> None:
         """The attempt that reaches the limit locks its subject out: the first lockout lasts
         `login_lockout_s`, each further one within a day twice as long, up to the maximum."""
@@ -102,6 +123,7 @@ class AuthLimits:
                 pipe.delete(keys.failures)  # after the lockout: another full set of attempts, then a longer one
                 await pipe.execute()
 
+    @_fail_closed
     async def login_succeeded(self, attempt: LoginAttempt) -> None:
         """The account's count starts over; the address only gets this attempt back (a shared
         address must not be cleared by whoever logs in to their own account from it)."""
