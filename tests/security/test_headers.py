@@ -35,7 +35,9 @@ async def test_user_admin_and_meter_answers_are_private(api: Api) -> None:
               await c.get("/api/v1/tokens/balance"),  # a 401 too
               await c.get("/api/v1/admin/accounts", headers=svc),
               await c.get(f"/api/v1/meter/accounts/{user}/balance", headers=svc),
-              await c.post("/api/v1/meter/reserve", headers=svc, json={"account_id": user, "tokens": 5})):
+              await c.post("/api/v1/meter/reserve", headers=svc, json={"account_id": user, "tokens": 5}),
+              await c.post("/api/v1/meter/debit", headers=svc, json={"account_id": user, "tokens": 5}),  # fast path
+              await c.post("/api/v1/meter/debit", json={"account_id": user, "tokens": 5})):  # its 401
         assert r.status_code < 500
         assert_private(r)
     packages = await c.get("/api/v1/tokens/packages")  # the public price list may be cached
