@@ -8,7 +8,10 @@ redis://127.0.0.1:6379/0) under a unique key prefix, a temporary SQLite database
 
 * `pool`: the service as it is: scrypt runs in the hasher's thread pool (`hash_threads`, 2);
 * `on-loop`: the same service with the hasher patched to call scrypt directly on the event loop,
-  as the service did before (so the figures of both are taken side by side on the same machine).
+  as the service did before (so the figures of both are taken side by side on the same machine);
+* the control: the pool with scrypt replaced by a 50 ms sleep: a login's wait without its CPU.
+  What the pool row adds over this one is CPU contention (scrypt, the server, Redis and this load
+  generator share the machine's cores), not a blocked loop.
 
 For each, `--seconds` of paced debits alone (`--rate` per second from 4 senders, sequential
 each), then the same debits while `--logins` clients log in back to back (correct password,
@@ -35,7 +38,7 @@ from loadtests.bench_http import CATALOG_TOML, free_port, stop_server, wait_read
 ROOT = Path(__file__).resolve().parent.parent
 MASTER_KEY = "tmbench-login-master-key"  # fixed: this server only lives for the run, on loopback
 SETTINGS_ENV = "TOKENMETER_BENCH_LOGIN_SETTINGS"
-INLINE_ENV = "TOKENMETER_BENCH_LOGIN_INLINE"
+INLINE_ENV = "TOKENMETER_BENCH_LOGIN_INLINE"  # "1": hash on the loop; "sleep": a CPU-free stand-in hash
 PASSWORD = "bench-login-password-1"
 SENDERS = 4
 FREE_PLAN = """
@@ -59,6 +62,12 @@ def bench_app() -> Any:
     from api.app import create_app
     from api.settings import Settings
 
+    if os.environ.get(INLINE_ENV) == "sleep":  # the control: a login's wait without its CPU
+        def sleepy_verify(password: str, stored: str | None) -> bool:
+            time.sleep(0.05)
+            return True
+
+        security.verify_password = sleepy_verify  # type: ignore[assignment]
     if os.environ.get(INLINE_ENV) == "1":
         async def hash_inline(self: Any, password: str) -> str:
             return security.hash_password(password)
@@ -77,9 +86,10 @@ def serve(args: argparse.Namespace) -> None:
     os.environ[SETTINGS_ENV] = json.dumps({
         "redis_url": args.redis_url, "database_url": args.database_url, "key_prefix": args.prefix,
         "catalog": args.catalog, "master_key": MASTER_KEY, "redis_timeout_ms": 5000,  # a busy box: latency, not 503s
+        "hash_threads": args.hash_threads,
         "register_per_address": 1_000_000, "register_global": 1_000_000, "login_max_failures": 1_000_000,
     })
-    os.environ[INLINE_ENV] = "1" if args.inline else "0"
+    os.environ[INLINE_ENV] = args.mode
     uvicorn.run("loadtests.bench_login:bench_app", factory=True, host="127.0.0.1", port=args.port,
                 loop="uvloop", http="httptools", access_log=False, log_level="warning")
 
@@ -155,7 +165,7 @@ async def measure(base: str, args: argparse.Namespace) -> dict[str, float]:
             "storm_p99": pct(stormed, 99), "logins_per_s": logins / elapsed, "n": len(alone) + len(stormed)}
 
 
-def run_one(args: argparse.Namespace, tmp: Path, inline: bool) -> dict[str, float]:
+def run_one(args: argparse.Namespace, tmp: Path, mode: str) -> dict[str, float]:
     import subprocess
 
     import httpx
@@ -164,7 +174,8 @@ def run_one(args: argparse.Namespace, tmp: Path, inline: bool) -> dict[str, floa
     prefix = f"tmbenchlogin{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "loadtests.bench_login", "--serve", "--port", str(port),
            "--redis-url", args.redis_url, "--database-url", f"sqlite:///{tmp / f'{prefix}.sqlite3'}",
-           "--catalog", str(tmp / "catalog.toml"), "--prefix", prefix, *(["--inline"] if inline else [])]
+           "--catalog", str(tmp / "catalog.toml"), "--prefix", prefix,
+           "--hash-threads", str(args.hash_threads), "--mode", mode]
     log_path = tmp / f"{prefix}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -200,8 +211,9 @@ def bench(args: argparse.Namespace) -> None:
           f"1 uvicorn worker; {os.cpu_count()} CPU cores shared with this load generator")
     with tempfile.TemporaryDirectory(prefix="tm-bench-login-") as tmp:
         (Path(tmp) / "catalog.toml").write_text(CATALOG_TOML + FREE_PLAN)  # a plan without a daily cap
-        rows = [("pool (as shipped)", run_one(args, Path(tmp), inline=False)),
-                ("on-loop (as before)", run_one(args, Path(tmp), inline=True))]
+        rows = [(f"pool ({args.hash_threads} threads)", run_one(args, Path(tmp), "pool")),
+                ("on-loop (as before)", run_one(args, Path(tmp), "1")),
+                ("pool, 50 ms sleep hash", run_one(args, Path(tmp), "sleep"))]
     print(f"\n{'hashing':22s} {'alone p50/p99 ms':>18s} {'storm p50/p99 ms':>18s} {'p99 storm/alone':>16s} "
           f"{'logins/s':>9s}")
     for label, f in rows:
@@ -217,8 +229,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rate", type=float, default=200.0, help="debits per second")
     p.add_argument("--logins", type=int, default=8, help="concurrent login clients")
+    p.add_argument("--hash-threads", type=int, default=2, help="the service's hash_threads (pool run)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="pool", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--database-url", help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)
