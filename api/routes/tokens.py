@@ -17,6 +17,7 @@ import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -24,6 +25,7 @@ from api.deps import current_user
 from api.errors import error_body
 from api.metering import metered_headers
 from api.state import AppState, app_state
+from meter import StoreUnavailable
 from meter import keys as keyspace
 from persistence.models import PromoCode, PromoRedemption, TokenTransaction
 
@@ -240,12 +242,15 @@ async def _take_stream_slot(state: AppState, account_id: str, stream_id: str) ->
     rt = state.rt
     key = keyspace.stream_slots_key(account_id, shards=rt.settings.shards, prefix=rt.settings.key_prefix)
     now = int(time.time() * 1000)
-    async with rt.redis.pipeline(transaction=True) as pipe:
-        pipe.zremrangebyscore(key, "-inf", now)
-        pipe.zadd(key, {stream_id: now + STREAM_LEASE_MS})
-        pipe.zcard(key)
-        pipe.pexpire(key, STREAM_LEASE_MS)
-        _, _, open_streams, _ = await pipe.execute()
+    try:
+        async with rt.redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zadd(key, {stream_id: now + STREAM_LEASE_MS})
+            pipe.zcard(key)
+            pipe.pexpire(key, STREAM_LEASE_MS)
+            _, _, open_streams, _ = await pipe.execute()
+    except (RedisError, OSError) as exc:  # fail closed, as the meter does: 503, not a 500
+        raise StoreUnavailable(f"stream slots: {exc}") from exc
     if open_streams > rt.settings.sse_max_streams:  # added first, counted after: never over the cap
         await rt.redis.zrem(key, stream_id)
         retry = STREAM_LEASE_MS // 1000
