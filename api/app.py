@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from api.background import Background
 from api.errors import install_error_handlers
 from api.fastpath import MeterFastPath
+from api.headers import PrivateHeaders
 from api.plan_billing import enforce_paid_periods
 from api.runtime import Runtime
 from api.settings import Settings
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gc.unfreeze()  # (several apps in one process, as in the tests: collect as usual again)
             await state.background.stop()
             await asyncio.gather(*state.tasks, return_exceptions=True)
+            state.auth.close()
             await rt.close()
 
     app = FastAPI(
@@ -78,8 +80,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Token meter and rate limiter for AI app-builder platforms: atomic debits, "
                     "holds, monthly allowances with rollover, packs, promo codes.",
         lifespan=lifespan,
+        redirect_slashes=False,  # Starlette builds that redirect's Location from the Host header
     )
     install_error_handlers(app)
+    app.add_middleware(PrivateHeaders)  # nosniff, no-store; inside the fast path, which adds its own
     app.add_middleware(MeterFastPath)  # POST /api/v1/meter/debit without the framework's per-request work
     from api.routes import admin, auth, meter, ops, plans, projects, purchases, tokens
 

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 
+from api.redact import mask_url
 from api.runtime import Runtime
 from api.settings import Settings
 from persistence.flusher import tune_gc
@@ -169,10 +170,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["TOKENMETER_TEST_PAYMENT_SECRET"] = secrets.token_hex(32)
         key_note += (f"\n  test payments: completions signed with {os.environ['TOKENMETER_TEST_PAYMENT_SECRET']} "
                      "(this run only; set TOKENMETER_TEST_PAYMENT_SECRET to fix one)")
-    redis = settings.redis_url or "embedded in-process Redis (fakeredis with Lua; data lives in this process)"
+    redis = mask_url(settings.redis_url) if settings.redis_url else \
+        "embedded in-process Redis (fakeredis with Lua; data lives in this process)"
     print(f"tokenmeter listening on http://{args.host}:{args.port}  (docs: http://{args.host}:{args.port}/docs)")
     print(f"  redis:    {redis}")
-    print(f"  database: {settings.database_url}")
+    print(f"  database: {mask_url(settings.database_url)}")
     print(f"  flusher:  {settings.flusher}")
     print(f"  {key_note}")
     print("  service keys: tokenmeter apikey create --name my-gateway --scopes meter  "

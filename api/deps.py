@@ -11,6 +11,7 @@ from fastapi import Depends, Header, HTTPException, Request
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from api.errors import error_body
 from api.security import Principal, hash_api_key, read_token
@@ -18,7 +19,7 @@ from api.state import AppState, app_state
 from meter import StoreUnavailable
 from meter import keys as keyspace
 from persistence.db import is_transient
-from persistence.models import ApiKey
+from persistence.models import Account, ApiKey
 
 __all__ = [
     "authenticate_service", "authorize", "current_user", "mark_api_key_revoked", "require_scope",
@@ -51,6 +52,16 @@ async def current_user(request: Request, authorization: str | None = Header(defa
     account_id = read_token(state.jwt_secret, token)
     if account_id is None:
         raise _unauthorized("invalid or expired token")
+    if account_id not in state.auth.accounts:  # a token outlives a deleted account: check, briefly cached
+        try:
+            async with state.rt.db.sessions() as session:
+                exists = (await session.execute(select(Account.id).where(Account.id == account_id))).first()
+        except (SQLAlchemyError, OSError) as exc:
+            raise HTTPException(503, headers={"Retry-After": "1"}, detail={
+                "error": "database_unavailable", "message": "cannot check the account now"}) from exc
+        if exists is None:
+            raise _unauthorized("the account of this token no longer exists")
+        state.auth.accounts.add(account_id)
     return account_id
 
 

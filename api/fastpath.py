@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.headers import PRIVATE_HEADERS
 from api.metering import decision_parts, observe
 from api.routes.meter import MAX_BODY_BYTES, debit_decision, decision_body
 
@@ -64,6 +65,7 @@ class MeterFastPath:
             d = await debit_decision(app.state.tm, authorization, api_key, idempotency_key, raw)
         except Exception as exc:
             response = await _handled(app, scope, exc)
+            response.raw_headers.extend(PRIVATE_HEADERS)  # as api.headers adds to the route's answers
             observe("debit", _error_code(response), start)
             await response(scope, receive, send)
             return
@@ -75,7 +77,7 @@ class MeterFastPath:
 async def _send_json(send: Send, status: int, content: dict[str, object], headers: dict[str, str]) -> None:
     payload = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
-        _JSON, (b"content-length", b"%d" % len(payload)),
+        _JSON, (b"content-length", b"%d" % len(payload)), *PRIVATE_HEADERS,
         *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]})
     await send({"type": "http.response.body", "body": payload})
 

@@ -73,6 +73,25 @@ class Settings(BaseSettings):
         default=10_000, ge=0, le=2**53,
         description="global cap on redemptions of EACH catalog promo code (WELCOME2024, LAUNCH50, BETA100), "
                     "set on every start; 0 = unlimited")
+    hash_threads: int = Field(default=2, ge=1, le=64,
+                              description="threads that hash passwords (scrypt), off the event loop")
+    register_per_address: int = Field(default=5, ge=1, description="registrations per client address per window")
+    register_global: int = Field(default=200, ge=1, description="registrations per window, all addresses")
+    register_window_s: int = Field(default=3600, ge=1, description="window of the registration limits")
+    login_max_failures: int = Field(default=10, ge=1,
+                                    description="failed logins per account, and per address, before a lockout")
+    login_failure_window_s: int = Field(default=900, ge=1, description="failed logins are counted this long")
+    login_lockout_s: int = Field(default=900, ge=1, description="first lockout; it doubles with each further one")
+    login_lockout_max_s: int = Field(default=3600, ge=1, description="longest lockout")
+    trusted_proxies: str = Field(
+        default="", description="comma-separated IPs/CIDRs of reverse proxies whose X-Forwarded-For is "
+                                "believed; empty = the client address is the TCP peer")
+    user_check_cache_s: float = Field(default=5.0, ge=0, le=300,
+                                      description="a user token's account is known to exist for this long; "
+                                                  "a deleted account's tokens stop working within it")
+    meter_open_paid_plans: bool = Field(
+        default=False, description="meter-scope keys may open accounts on paid plans (else admin scope only)")
+    sse_max_streams: int = Field(default=5, ge=1, description="open balance streams per user")
 
     payment_provider: str = Field(default="test", pattern="^(test|razorpay)$",
                                   description="provider of new purchases: test (built in) or razorpay")

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import Request
 
+from api.auth_state import AuthState
 from api.runtime import Runtime
 from api.security import ApiKeyCache
 
@@ -19,6 +20,7 @@ class AppState:
     rt: Runtime
     jwt_secret: str
     key_cache: ApiKeyCache
+    auth: AuthState
     tasks: list[Any] = field(default_factory=list)
     background: Any = None  # api.background.Background, set by the lifespan
 
@@ -26,7 +28,7 @@ class AppState:
     def build(cls, rt: Runtime) -> AppState:
         s = rt.settings
         return cls(rt=rt, jwt_secret=s.jwt_secret or secrets.token_urlsafe(32),
-                   key_cache=ApiKeyCache(s.api_key_cache_s, s.api_key_stale_s))
+                   key_cache=ApiKeyCache(s.api_key_cache_s, s.api_key_stale_s), auth=AuthState.build(rt))
 
 
 async def app_state(request: Request) -> AppState:  # async: no thread-pool hop per request

@@ -47,6 +47,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from api.redact import mask_url
 from api.routes.meter import DebitIn
 from api.routes.meter import router as meter_router
 
@@ -451,10 +452,10 @@ def bench(args: argparse.Namespace) -> None:
 
         cpus = os.cpu_count() or 0
         print("tokenmeter HTTP benchmark: POST /api/v1/meter/debit next to a bare POST /bare, same server")
-        print(f"command : {shlex.join([sys.executable, '-m', 'loadtests.bench_http', *sys.argv[1:]])}")
-        print(f"server  : {shlex.join(server_cmd)}")
+        print(f"command : {shlex.join(map(mask_url, [sys.executable, '-m', 'loadtests.bench_http', *sys.argv[1:]]))}")
+        print(f"server  : {shlex.join(map(mask_url, server_cmd))}")
         print(f"          uvicorn, loop=uvloop, http=httptools, access log off, {args.workers} worker(s); "
-              f"Redis {args.redis_url} (prefix {prefix}), SQLite in {tmp}, flusher {args.flusher}")
+              f"Redis {mask_url(args.redis_url)} (prefix {prefix}), SQLite in {tmp}, flusher {args.flusher}")
         print(f"machine : {cpus} CPU cores shared by the server, Redis and wrk (load average "
               f"{os.getloadavg()[0]:.1f} at the start; anything else running skews the figures): absolute "
               "figures move run to run, compare the ratios")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
-__all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "account_keys", "journal_key", "promo_failures_key",
-           "revoked_api_key_key", "shard_of", "shard_tag", "sweep_key"]
+__all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "LoginKeys", "account_keys", "journal_key", "login_keys",
+           "promo_failures_key", "registration_address_key", "registration_global_key", "revoked_api_key_key",
+           "shard_of", "shard_tag", "stream_slots_key", "sweep_key"]
 
 PREFIX = "tm"
 DEFAULT_SHARDS = 64
@@ -47,6 +48,35 @@ def sweep_key(shard: int, prefix: str = PREFIX) -> str:
 def promo_failures_key(account_id: str, *, shards: int = DEFAULT_SHARDS, prefix: str = PREFIX) -> str:
     """Counter of an account's failed promo-code attempts in the current window."""
     return f"{shard_tag(shard_of(account_id, shards), prefix)}:promofail:{account_id}"
+
+
+def registration_address_key(address: str, prefix: str = PREFIX) -> str:
+    """Counter of registrations from one client address in the current window."""
+    return f"{prefix}:reg:addr:{address}"
+
+
+def registration_global_key(prefix: str = PREFIX) -> str:
+    """Counter of all registrations in the current window."""
+    return f"{prefix}:reg:all"
+
+
+class LoginKeys(NamedTuple):
+    """Failed-login bookkeeping of one subject (an account's email digest, or a client address);
+    one hash tag, so a transaction may touch all three."""
+
+    failures: str  # counter of failed logins in the window
+    lockout: str  # present while logins are refused; its TTL is the Retry-After
+    strikes: str  # how many lockouts lately: each doubles the next
+
+
+def login_keys(subject: str, prefix: str = PREFIX) -> LoginKeys:
+    tag = f"{prefix}:{{login:{subject}}}"
+    return LoginKeys(failures=f"{tag}:fails", lockout=f"{tag}:lock", strikes=f"{tag}:strikes")
+
+
+def stream_slots_key(account_id: str, *, shards: int = DEFAULT_SHARDS, prefix: str = PREFIX) -> str:
+    """Zset of an account's open balance streams, scored by when each one's lease ends."""
+    return f"{shard_tag(shard_of(account_id, shards), prefix)}:sse:{account_id}"
 
 
 def account_keys(

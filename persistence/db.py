@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 __all__ = ["Database", "DatabaseMisconfigured", "is_configuration_error", "is_transient", "normalize_url"]
+
+log = logging.getLogger("tokenmeter.db")
 
 
 def normalize_url(url: str) -> str:
@@ -87,6 +91,18 @@ def is_transient(exc: BaseException) -> bool:
                 and type(e).__module__.startswith("asyncpg"):
             return "closed" in str(e) or "does not exist" in str(e) or "connection" in str(e).lower()
     return False
+def _create_private(path: str | None) -> None:
+    """Create the SQLite file readable by its owner only (0600) before SQLite opens it: it holds
+    password hashes and every user's history. SQLite gives its -wal and -shm files the same mode."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            log.warning("the SQLite database %s is readable by other users; chmod 600 it", path)
+    except OSError:
+        pass  # a directory that does not exist: SQLite reports it when it opens the file
 
 
 class Database:
@@ -104,6 +120,8 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False, class_=AsyncSession)
         if self.dialect == "sqlite":
             from sqlalchemy import event
+
+            _create_private(make_url(self.url).database)
 
             @event.listens_for(self.engine.sync_engine, "connect")
             def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]

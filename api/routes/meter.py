@@ -182,7 +182,15 @@ async def account_balance(account_id: AccountId, request: Request) -> JSONRespon
 @router.post("/accounts", status_code=201, summary="Open an account for a gateway's user",
              openapi_extra=_doc(OpenIn, idempotent=False))
 async def open_account(request: Request) -> JSONResponse:
-    state, body, _ = await _begin(request, OpenIn)
+    principal = await service_with_scope(request, "meter")
+    state: AppState = request.app.state.tm
+    body = _parse(OpenIn, await request.body())
+    plan = state.rt.catalog.plans.get(body.plan)
+    if plan is not None and plan.price_inr_paise > 0 and "admin" not in principal.scopes \
+            and not state.rt.settings.meter_open_paid_plans:  # a paid plan is for admins (or when allowed)
+        raise HTTPException(403, detail=error_body(
+            "forbidden", f"opening an account on the paid plan {body.plan!r} needs the 'admin' scope",
+            field="plan"))
     created = await state.rt.meter.open_account(body.account_id, plan=body.plan)
     b = await state.rt.meter.balance(body.account_id)
     return JSONResponse(status_code=201 if created else 200, content={"created": created, **b.as_dict()})

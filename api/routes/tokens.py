@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -21,6 +25,7 @@ from api.deps import current_user
 from api.errors import error_body
 from api.metering import metered_headers
 from api.state import AppState, app_state
+from meter import StoreUnavailable
 from meter import keys as keyspace
 from persistence.models import PromoCode, PromoRedemption, TokenTransaction
 
@@ -240,26 +245,65 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
-@router.get("/stream", summary="Server-Sent Events: the balance now and after every change")
+STREAM_LEASE_MS = 30_000  # an open stream renews its slot every 10 s; a crashed worker's lapse within this
+
+
+async def _take_stream_slot(state: AppState, account_id: str, stream_id: str) -> str:
+    """Hold one of the user's `sse_max_streams` slots (a zset shared by every worker, scored by
+    lease end: slots of streams that died without closing lapse); 429 when all are taken."""
+    rt = state.rt
+    key = keyspace.stream_slots_key(account_id, shards=rt.settings.shards, prefix=rt.settings.key_prefix)
+    now = int(time.time() * 1000)
+    try:
+        async with rt.redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zadd(key, {stream_id: now + STREAM_LEASE_MS})
+            pipe.zcard(key)
+            pipe.pexpire(key, STREAM_LEASE_MS)
+            _, _, open_streams, _ = await pipe.execute()
+    except (RedisError, OSError) as exc:  # fail closed, as the meter does: 503, not a 500
+        raise StoreUnavailable(f"stream slots: {exc}") from exc
+    if open_streams > rt.settings.sse_max_streams:  # added first, counted after: never over the cap
+        await rt.redis.zrem(key, stream_id)
+        retry = STREAM_LEASE_MS // 1000
+        raise HTTPException(429, headers={"Retry-After": str(retry)}, detail=error_body(
+            "too_many_streams", f"at most {rt.settings.sse_max_streams} open balance streams per user; "
+                                "close one first", retry_after_s=retry))
+    return key
+
+
+@router.get("/stream", summary="Server-Sent Events: the balance now and after every change",
+            responses={429: {"description": "the user has the maximum number of streams open"}})
 async def stream(request: Request, account_id: str = Depends(current_user),
                  state: AppState = Depends(app_state)) -> StreamingResponse:
     rt = state.rt
     key = keyspace.account_keys(account_id, shards=rt.settings.shards, prefix=rt.settings.key_prefix).account
     await rt.meter.balance(account_id)  # 404 before the stream starts if the account is unknown
+    stream_id = uuid.uuid4().hex
+    slots = await _take_stream_slot(state, account_id, stream_id)
 
     async def events() -> AsyncIterator[str]:
         last: str | None = None
         beats = 0
-        while not await request.is_disconnected():
-            seq = await rt.redis.hget(key, "seq")
-            if seq != last:
-                last = seq
-                body = (await rt.meter.balance(account_id)).as_dict()
-                yield f"event: balance\nid: {seq}\ndata: {json.dumps(body)}\n\n"
-            beats += 1
-            if beats % 30 == 0:
-                yield ": keep-alive\n\n"
-            await asyncio.sleep(0.25)  # the balance reaches the client within a second of a change
+        try:
+            while not await request.is_disconnected():
+                seq = await rt.redis.hget(key, "seq")
+                if seq != last:
+                    last = seq
+                    body = (await rt.meter.balance(account_id)).as_dict()
+                    yield f"event: balance\nid: {seq}\ndata: {json.dumps(body)}\n\n"
+                beats += 1
+                if beats % 30 == 0:
+                    yield ": keep-alive\n\n"
+                if beats % 40 == 0:  # every 10 s: renew the slot's lease
+                    async with rt.redis.pipeline(transaction=True) as pipe:
+                        pipe.zadd(slots, {stream_id: int(time.time() * 1000) + STREAM_LEASE_MS})
+                        pipe.pexpire(slots, STREAM_LEASE_MS)
+                        await pipe.execute()
+                await asyncio.sleep(0.25)  # the balance reaches the client within a second of a change
+        finally:
+            with anyio.CancelScope(shield=True):  # a cancelled stream still gives its slot back
+                await rt.redis.zrem(slots, stream_id)
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -972,8 +972,9 @@ def test_edge_values_never_get_a_5xx(live: Live, label: str) -> None:
 QUIET_ACCOUNTS = ("quiet-1", "quiet-2")
 FLUSHER_TABLES = {"token_transactions", "token_balances"}  # written later by the flusher, not by a request
 # Deliberate consequences of a refusal, not changes to what the account holds: the counter of
-# failed promo-code attempts (the limiter against guessing codes).
-COUNTED_REFUSALS = (":promofail:",)
+# failed promo-code attempts (the limiter against guessing codes), and the registration and
+# failed-login counters (the limiters against mass sign-ups and password guessing).
+COUNTED_REFUSALS = (":promofail:", ":reg:", ":{login:")
 
 
 async def state_of(api: Api) -> dict[str, Any]:
@@ -1135,6 +1136,7 @@ def _fresh_user(live: Live) -> str:
     assert live.api is not None
     account = f"u_{uuid.uuid4().hex[:16]}"
     live.run(live.api.state.rt.meter.open_account(account))
+    live.run(live.api.add_account_row(account))
     return "Bearer " + issue_token(live.api.state.jwt_secret, account, 3600)
 
 

@@ -33,6 +33,7 @@ async def quick_user(api: Api, plan: str = "free") -> tuple[str, dict[str, str]]
     """An account with a token, without the (deliberately slow) password hash."""
     account = f"u_{uuid.uuid4().hex[:16]}"
     await api.state.rt.meter.open_account(account, plan=plan)
+    await api.add_account_row(account)
     token = issue_token(api.state.jwt_secret, account, 3600)
     return account, {"Authorization": f"Bearer {token}"}
 

@@ -78,6 +78,7 @@ async def quick_user(api: Api) -> tuple[str, dict[str, str]]:
     """A free account (10,000 monthly tokens) with a user token, skipping the slow password hash."""
     account = f"u_{uuid.uuid4().hex[:16]}"
     await api.state.rt.meter.open_account(account, plan="free")
+    await api.add_account_row(account)
     return account, {"Authorization": f"Bearer {issue_token(api.state.jwt_secret, account, 3600)}"}
 
 

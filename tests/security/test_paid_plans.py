@@ -34,6 +34,7 @@ async def user_at(api: Api, clock: FakeClock | None = None) -> tuple[str, dict[s
     if clock is not None:
         api.state.rt.meter.clock = clock
     account = f"u_{uuid.uuid4().hex[:16]}"
+    await api.add_account_row(account)  # user tokens of accounts without a row are refused
     await api.state.rt.meter.open_account(account, plan="free")
     return account, {"Authorization": f"Bearer {issue_token(api.state.jwt_secret, account, 3600)}"}
 

@@ -32,6 +32,7 @@ async def dbapi(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[
 
 async def quick_user(api: Api) -> tuple[str, dict[str, str]]:
     account = f"u_{uuid.uuid4().hex[:16]}"
+    await api.add_account_row(account)  # user tokens of accounts without a row are refused
     await api.state.rt.meter.open_account(account, plan="free")
     return account, {"Authorization": f"Bearer {issue_token(api.state.jwt_secret, account, 3600)}"}
 
