@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     flusher_block_ms: int = Field(default=200, ge=1, le=60_000)
     flusher_claim_idle_ms: int = Field(default=30_000, ge=100)
     flusher_max_deliveries: int = Field(default=5, ge=1)
+    reconcile_stale_after_s: float = Field(
+        default=60.0, gt=0, description="`tokenmeter reconcile` warns and exits 1 when journal entries older "
+                                        "than this are still not in the ledger (a stopped flusher)")
 
     jwt_secret: str | None = Field(
         default=None, description="HS256 secret for user tokens; unset = random per start (dev only)")
