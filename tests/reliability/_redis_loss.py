@@ -80,6 +80,17 @@ class PrivateRedis:
         self.proc = None
 
 
+@contextlib.asynccontextmanager
+async def private_redis_server(directory: str) -> Any:
+    """A started PrivateRedis, stopped and gone in every outcome."""
+    server = PrivateRedis(directory)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 async def loss_meter(url: str, database: Any, clock: FakeClock, prefix: str = "tmloss") -> Meter:
     meter = await Meter.connect(url, prefix=prefix, shards=4, clock=clock, timeout_ms=2000,
                                 connect_timeout_ms=2000)
@@ -88,9 +99,11 @@ async def loss_meter(url: str, database: Any, clock: FakeClock, prefix: str = "t
     return meter
 
 
-def flusher(meter: Meter, database: Any) -> Flusher:
-    return Flusher(meter.store.redis, LedgerWriter(database, meter.catalog), shards=meter.shards,  # type: ignore[attr-defined]
-                   prefix=meter.prefix, config=FlusherConfig(block_ms=10))
+def flusher(meter: Meter, database: Any, client: Any = None) -> Flusher:
+    """A flusher of the meter's streams (on `client`: a fresh one after a Redis restart, since
+    drain() does not ride out a dropped connection as run() does)."""
+    return Flusher(client or meter.store.redis, LedgerWriter(database, meter.catalog),  # type: ignore[attr-defined]
+                   shards=meter.shards, prefix=meter.prefix, config=FlusherConfig(block_ms=10))
 
 
 async def ledger_rows(database: Any, account_id: str) -> list[Any]:

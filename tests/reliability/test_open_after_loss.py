@@ -11,19 +11,22 @@ import pytest
 
 from meter import FakeClock, Meter
 from persistence.reconcile import reconcile
-from tests.reliability._redis_loss import PrivateRedis, dead_letters, flusher, ledger_rows, loss_meter
+from tests.reliability._redis_loss import (
+    PrivateRedis,
+    dead_letters,
+    flusher,
+    ledger_rows,
+    loss_meter,
+    private_redis_server,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
 
 @pytest.fixture
 async def private_redis(tmp_path: Any) -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis(str(tmp_path))
-    try:
-        server.start()
+    async with private_redis_server(str(tmp_path)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def test_open_after_flushall_rehydrates_instead_of_resetting(private_redis: PrivateRedis, database: Any,
