@@ -69,7 +69,8 @@ async def test_reconcile_reports_what_redis_lost_and_repair_loads_the_ledger(tmp
             assert {k: await redis.hgetall(k) for k in dump} == dump  # nothing written
 
             assert sorted(await repair(meter, checks, apply=True)) == [
-                f"loaded a1 (4 entries / {-lost['a1']} tokens lost)", f"loaded a2 (6 entries / {-lost['a2']} tokens lost)"]
+                f"loaded a1 (4 entries / {-lost['a1']} tokens lost)",
+                f"loaded a2 (6 entries / {-lost['a2']} tokens lost)"]
             for account, n in zip(ACCOUNTS, (4, 6), strict=True):
                 assert (await meter.balance(account)).remaining_tokens == 50_000 - 1_000 - lost[account]
                 d = await meter.debit(account, 1)
