@@ -55,5 +55,10 @@ async def test_retries_after_flushall_are_answered_not_charged(tmp_path: Any, da
             assert sorted(keyed) == sorted(first)  # one row per key: nothing charged twice
             charged = sum(50 + i for i in range(46)) + 500
             assert sum(r.tokens_changed + r.held_changed for r in rows) == 250_000 + 999 - charged
+
+            clock.advance(23 * 3_600_000 + 1_000)  # past the 24 h of d0's answer: not restored
+            await meter.store.redis.flushall()  # type: ignore[attr-defined]
+            late = await meter.debit("u1", 50, model="sonnet", request_id="d0")
+            assert not late.replayed and late.allowed
         finally:
             await meter.close()
