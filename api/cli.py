@@ -125,12 +125,25 @@ async def cmd_rehydrate(args: argparse.Namespace) -> int:
 
 
 async def cmd_reconcile(args: argparse.Namespace) -> int:
-    from persistence.reconcile import format_report, reconcile
+    from persistence.flusher import FlusherConfig
+    from persistence.reconcile import backlog, format_backlog, format_report, reconcile, repair
 
     async def run(rt: Runtime) -> int:
-        checks = await reconcile(rt.redis, rt.db, shards=rt.settings.shards, prefix=rt.settings.key_prefix)
+        s = rt.settings
+        checks = await reconcile(rt.redis, rt.db, shards=s.shards, prefix=s.key_prefix)
         print(format_report(checks, show_all=args.all))
-        return 0 if all(c.ok for c in checks) else 1
+        if args.repair:
+            for line in await repair(rt.meter, checks, apply=args.apply):
+                print(line)
+            if args.apply:  # say where things stand now
+                checks = await reconcile(rt.redis, rt.db, shards=s.shards, prefix=s.key_prefix)
+                print(format_report(checks, show_all=args.all))
+        stale_after = s.reconcile_stale_after_s if args.stale_after is None else args.stale_after
+        stuck = await backlog(rt.redis, group=FlusherConfig().group, older_than_s=stale_after,
+                              shards=s.shards, prefix=s.key_prefix)
+        if stuck:
+            print(format_backlog(stuck, stale_after))
+        return 0 if all(c.ok for c in checks) and not stuck else 1
 
     return int(await _with_runtime(args, run))
 
@@ -304,6 +317,13 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_rehydrate)
     c = sub.add_parser("reconcile", help="compare Redis balances with the ledger; exit 1 on drift")
     c.add_argument("--all", action="store_true", help="list every account, not only drifting ones")
+    c.add_argument("--repair", action="store_true",
+                   help="load the ledger's state into Redis for accounts Redis lacks or lost entries of "
+                        "(a dry run unless --apply)")
+    c.add_argument("--apply", action="store_true", help="with --repair: write")
+    c.add_argument("--stale-after", type=float, metavar="S",
+                   help="warn (exit 1) on journal entries older than S seconds not yet in the ledger "
+                        "(default TOKENMETER_RECONCILE_STALE_AFTER_S)")
     c.set_defaults(fn=cmd_reconcile)
     s = sub.add_parser("serve", help="run the HTTP service (embedded Redis and SQLite unless configured)")
     s.add_argument("--host", default="127.0.0.1")

@@ -55,7 +55,8 @@ class Runtime:
         redis: Redis = meter.store.redis  # type: ignore[attr-defined]
         if settings.redis_url:
             await _check_redis_config(redis)
-        meter.loader = SnapshotLoader(db, redis, catalog, shards=settings.shards, prefix=settings.key_prefix)
+        meter.loader = SnapshotLoader(db, redis, catalog, shards=settings.shards, prefix=settings.key_prefix,
+                                      clock=meter.clock)
         return cls(settings, catalog, meter, redis, db)
 
     def flusher(self, consumer: str = "") -> Flusher:

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     hold_sweep_s: float = Field(default=5.0, gt=0, le=3600, description="period of the expired-hold sweep")
     reconcile_every_s: float = Field(
         default=0, ge=0, description="run a reconcile (Redis vs ledger) this often in the service; 0 = off")
+    reconcile_stale_after_s: float = Field(
+        default=60.0, gt=0, description="`tokenmeter reconcile` warns and exits 1 when journal entries older "
+                                        "than this are still not in the ledger (a stopped flusher)")
 
     jwt_secret: str | None = Field(
         default=None, description="HS256 secret for user tokens; unset = random per start (dev only)")

@@ -4,6 +4,10 @@
 -- KEYS (every account script, same order; all carry the shard's hash tag, so one slot):
 --   1 account hash   2 holds hash   3 hold-expiry zset   4 shard sweep zset
 --   5 shard journal stream          6 idempotency key (request id; unused when ARGV[5] == '')
+--   7 (optional) the shard's set of accounts verified against the ledger since this Redis
+--     process started ('live', kept in memory only: see mark_live). Given when the meter can
+--     rehydrate; an account not in it answers {'verify'} and is checked before any write, so
+--     a Redis that came back behind the ledger never reuses a transaction id.
 -- ARGV (common prefix): 1 account id, 2 now_ms, 3 month index, 4 day index,
 --   5 request id ('' = none), 6 request fingerprint. Operation arguments start at ARGV[7].
 -- Reply (mutating scripts): {code, id, available, held, requests_today, tokens_used_today,
@@ -13,8 +17,8 @@
 -- after which nothing can fail. Numbers are integers below 2^53 (checked before the script);
 -- fmt() prints them with %d, since Lua's default %.14g would print large ones as 1e+15.
 
-local K_ACCT, K_HOLDS, K_HEXP, K_SWEEP, K_JOURNAL, K_IDEM =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local K_ACCT, K_HOLDS, K_HEXP, K_SWEEP, K_JOURNAL, K_IDEM, K_LIVE =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local ACCOUNT = ARGV[1]
 local NOW = tonumber(ARGV[2])
 local MONTH = tonumber(ARGV[3])
@@ -61,13 +65,30 @@ local function touch(a, f1, f2, f3, f4, f5, f6)
   if f6 then d[f6] = true end
 end
 
+-- True when the meter can rehydrate and this account was not verified against the ledger
+-- since Redis started (the caller answers {'verify'}; the meter loads, then retries).
+local function unverified()
+  return K_LIVE ~= nil and redis.call('SISMEMBER', K_LIVE, ACCOUNT) == 0
+end
+
+-- Mark the account verified. Not written to the AOF nor to replicas (REPL_NONE): a restarted
+-- Redis, or a promoted replica, starts with an empty set, so every account is checked again.
+local function mark_live()
+  if K_LIVE == nil then return end
+  if redis.set_repl then redis.set_repl(redis.REPL_NONE) end
+  redis.call('SADD', K_LIVE, ACCOUNT)
+  if redis.set_repl then redis.set_repl(redis.REPL_ALL) end
+end
+
 local function available(a) return a.r + a.m + a.b + a.p end
 
 -- Append one journal entry (written at commit). Call it after mutating the buckets and
 -- counters: the state 'st' (plan:period:r:m:b:p:h:used:requests, what a snapshot needs, and
 -- the available and held balances after this change) is the one after it.
 -- Fields: 't' kind, 'a' account, 'n' = seq:ts_ms:rollover:monthly:bonus:premium:held (the
--- deltas), 'st', then the optional ones (rq request id, ag, mo, in, ou, pj, hl, nt, rf). Few
+-- deltas), 'st' (..., then day:requests_today:tokens_used_today, so a snapshot keeps the daily
+-- cap), then the optional ones (rq request id, ag, mo, in, ou, pj, hl, nt, rf; ik, the stored
+-- idempotency record, on the call's last entry, so rehydration can restore it). Few
 -- fields on purpose: every field is two strings for Redis to store and the flusher to parse.
 local function journal(a, kind, dr, dm, db, dp, dh, extra)
   a.seq = a.seq + 1
@@ -76,7 +97,8 @@ local function journal(a, kind, dr, dm, db, dp, dh, extra)
              'n', fmt(a.seq) .. ':' .. NOW_S .. ':' .. fmt(dr) .. ':' .. fmt(dm) .. ':' .. fmt(db) .. ':'
                .. fmt(dp) .. ':' .. fmt(dh),
              'st', a.plan .. ':' .. fmt(a.per) .. ':' .. fmt(a.r) .. ':' .. fmt(a.m) .. ':' .. fmt(a.b)
-               .. ':' .. fmt(a.p) .. ':' .. fmt(a.h) .. ':' .. fmt(a.used) .. ':' .. fmt(a.treq)}
+               .. ':' .. fmt(a.p) .. ':' .. fmt(a.h) .. ':' .. fmt(a.used) .. ':' .. fmt(a.treq)
+               .. ':' .. fmt(a.day) .. ':' .. fmt(a.rq) .. ':' .. fmt(a.ut)}
   if REQ ~= '' then e[#e + 1] = 'rq'; e[#e + 1] = REQ end
   if extra then
     for i = 1, #extra, 2 do
@@ -267,6 +289,7 @@ local function begin(max_check)
   if prior then return nil, prior end
   local a = load_account()
   if not a then return nil, {'no_account'} end
+  if unverified() then return nil, {'verify'} end
   if max_check and max_check > a.maxreq then return nil, {'over_max', '0', 0, 0, 0, 0, 0, 0, 0, a.maxreq, 0} end
   roll_period(a)
   expire_holds(a, LAZY_HOLDS)
@@ -289,12 +312,16 @@ local function commit(a, out)
     pairs_[#pairs_ + 1] = TEXT[f] and a[f] or fmt(a[f])
   end
   if #pairs_ > 0 then redis.call('HSET', K_ACCT, unpack(pairs_)) end
-  for _, e in ipairs(JOURNAL) do redis.call('XADD', K_JOURNAL, '*', unpack(e)) end
+  local record
   if out and REQ ~= '' then
     local parts = {}
     for i, v in ipairs(out) do parts[i] = type(v) == 'number' and fmt(v) or v end
-    redis.call('SET', K_IDEM, FP .. '\n' .. table.concat(parts, '\t'), 'EX', IDEM_TTL_S)
+    record = FP .. '\n' .. table.concat(parts, '\t')
+    local last = JOURNAL[#JOURNAL]
+    if last then last[#last + 1] = 'ik'; last[#last + 1] = record end
   end
+  for _, e in ipairs(JOURNAL) do redis.call('XADD', K_JOURNAL, '*', unpack(e)) end
+  if record then redis.call('SET', K_IDEM, record, 'EX', IDEM_TTL_S) end
   if HOLDS_CHANGED then
     if a.h == 0 then
       redis.call('ZREM', K_SWEEP, ACCOUNT)

@@ -7,6 +7,7 @@
 
 local a = load_account()
 if not a then return {'no_account'} end
+if unverified() then return {'verify'} end
 roll_period(a)
 expire_holds(a, LAZY_HOLDS)
 commit(a)

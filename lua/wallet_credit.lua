@@ -13,6 +13,7 @@ local prior = replay()
 if prior then return prior end
 local a = load_account()
 if not a then return {'no_account'} end
+if unverified() then return {'verify'} end
 if a[bucket] + tokens >= 9007199254740992 then return {'overflow'} end
 roll_period(a)
 expire_holds(a, LAZY_HOLDS)

@@ -10,6 +10,7 @@ if not a then
   redis.call('ZREM', K_SWEEP, ACCOUNT)
   return {'no_account'}
 end
+if unverified() then return {'verify'} end
 roll_period(a)
 local n = expire_holds(a, tonumber(ARGV[7]))
 HOLDS_CHANGED = true  -- recompute the sweep index entry even when nothing expired

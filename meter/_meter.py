@@ -31,7 +31,10 @@ CREDIT_KINDS = ("adjustment", "bonus", "grant", "purchase", "refund")
 _DECISIONS = {"ok", "insufficient", "daily_cap", "rate_limited"}
 
 Loader = Callable[[str], Awaitable[Mapping[str, str | int] | None]]
-"""Rehydration: returns an account's snapshot fields (those of the balance script) or None."""
+"""Rehydration: returns an account's snapshot fields (those of the balance script, plus
+'hold:<id>' open holds and 'idem:<request id>' → '<ttl_s>:<record>' idempotency records) or None.
+With a loader, every account is verified against it at its first touch since Redis started
+(see lua/_wallet.lua: the 'live' set), so Redis behind the ledger is caught before a write."""
 
 
 class Store(Protocol):
@@ -75,6 +78,12 @@ class Meter:
 
         self._account_keys = _account_keys
 
+        @lru_cache(maxsize=65_536)
+        def _live_key(account_id: str) -> str:
+            return keyspace.live_key(keyspace.shard_of(account_id, shards), prefix)
+
+        self._live_key = _live_key
+
     @classmethod
     async def connect(
         cls,
@@ -110,6 +119,9 @@ class Meter:
 
     def _keys(self, account_id: str, request_id: str) -> Sequence[str]:
         k = self._account_keys(account_id)
+        if self.loader is not None:  # KEYS[7]: the verified set (the scripts gate on it)
+            idem = f"{k.idempotency}{request_id}" if request_id else k.idempotency
+            return (*k[:5], idem, self._live_key(account_id))
         if not request_id:
             return k
         return (*k[:5], f"{k.idempotency}{request_id}")
@@ -128,9 +140,14 @@ class Meter:
         now, month, day = self._now()
         argv = (account_id, now, month, day, request_id, fingerprint, *args)
         reply = await self.store.call(op, self._keys(account_id, request_id), argv)
-        if reply[0] == "no_account" and self.loader is not None and await self.rehydrate(account_id):
+        # missing (lost with Redis data) or not yet verified since Redis started: load or
+        # check against the ledger, then run the call again
+        if (reply[0] in ("no_account", "verify") and self.loader is not None
+                and await self._load(account_id) != "no_account"):
             reply = await self.store.call(op, self._keys(account_id, request_id), argv)
         code = reply[0]
+        if code == "verify":
+            raise MeterError(f"account {account_id} could not be verified against the ledger")
         if code == "no_account":
             raise UnknownAccount(account_id)
         if code == "conflict":
@@ -142,20 +159,27 @@ class Meter:
         return reply
 
     async def rehydrate(self, account_id: str) -> bool:
-        """Load the account from the loader's snapshot if Redis lacks it; True if loaded."""
+        """Load the account from the loader's snapshot if Redis lacks it or is behind it (Redis
+        lost its last writes); True if loaded. Either way the account is then verified."""
         check_account_id(account_id)
         if self.loader is None:
             return False
-        snapshot = await self.loader(account_id)
-        if not snapshot:
-            return False
+        return await self._load(account_id) in ("ok", "replaced")
+
+    async def _load(self, account_id: str) -> str:
+        """The load script's answer: ok (loaded), replaced (Redis was behind), exists (kept), no_account."""
+        assert self.loader is not None
+        snapshot = await self.loader(account_id) or {}
+        keys = list(self._keys(account_id, ""))
         fields: list[str | int] = []
         for name, value in snapshot.items():
+            if name.startswith("idem:"):  # the record's key goes in KEYS; the field names its index
+                keys.append(keyspace.idempotency_key(account_id, name[5:], shards=self.shards, prefix=self.prefix))
+                name = f"idem:{len(keys)}"
             fields += [name, value]
         now, month, day = self._now()
-        reply = await self.store.call("load", self._keys(account_id, ""),
-                                      (account_id, now, month, day, "", "", *fields))
-        return bool(reply[0] == "ok")
+        reply = await self.store.call("load", keys, (account_id, now, month, day, "", "", *fields))
+        return str(reply[0])
 
     def _decision(self, account_id: str, reply: list[Any]) -> Decision:
         code = reply[0]
@@ -185,9 +209,19 @@ class Meter:
         """Open an account and grant this month's allowance; False if it already existed."""
         check_account_id(account_id)
         p = self.catalog.plan(plan)
-        reply = await self._run("open", account_id, "", "", (
-            p.id, p.monthly_tokens, p.daily_requests, p.requests_per_minute,
-            p.max_tokens_per_request, p.rollover_pct))
+        args = (p.id, p.monthly_tokens, p.daily_requests, p.requests_per_minute, p.max_tokens_per_request,
+                p.rollover_pct)
+        if self.loader is not None:
+            # Missing from Redis is not new: it may have been lost with Redis data. The database
+            # decides (rehydrate); only an account it does not know either is created.
+            now, month, day = self._now()
+            argv = (account_id, now, month, day, "", "", *args)
+            reply = await self.store.call("open", self._keys(account_id, ""), (*argv, "probe"))
+            if reply[0] != "no_account":
+                return bool(reply[0] == "ok")
+            if await self._load(account_id) != "no_account":
+                return False
+        reply = await self._run("open", account_id, "", "", args)
         return bool(reply[0] == "ok")
 
     async def debit(

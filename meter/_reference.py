@@ -49,6 +49,12 @@ class _Call:
     request_id: str
     fingerprint: str
     a: dict[str, Any] = field(default_factory=dict)
+    entries: list[dict[str, str]] = field(default_factory=list)  # journaled by this call
+
+    @property
+    def live_key(self) -> str | None:
+        """KEYS[7]: the shard's verified set, given when the meter can rehydrate."""
+        return self.keys[6] if len(self.keys) > 6 else None
 
 
 class ReferenceStore:
@@ -60,6 +66,8 @@ class ReferenceStore:
         self.sweep: dict[str, dict[str, int]] = {}
         self.journals: dict[str, list[dict[str, str]]] = {}
         self.idempotency: dict[str, str] = {}
+        # lua: the verified set, in Redis memory only (never in the AOF): empty after a restart
+        self.live: dict[str, set[str]] = {}
 
     # -- entry point (same shape as the Redis store) ---------------------------------------------
 
@@ -87,6 +95,13 @@ class ReferenceStore:
         c.a = dict(stored)
         return True
 
+    def _unverified(self, c: _Call) -> bool:
+        return c.live_key is not None and c.account_id not in self.live.get(c.live_key, set())
+
+    def _mark_live(self, c: _Call) -> None:
+        if c.live_key is not None:
+            self.live.setdefault(c.live_key, set()).add(c.account_id)
+
     def _save(self, c: _Call) -> None:
         self.accounts[c.keys[0]] = c.a
 
@@ -99,13 +114,15 @@ class ReferenceStore:
         a = c.a
         a["seq"] += 1
         e = {"t": kind, "a": c.account_id, "n": f"{a['seq']}:{c.now}:{dr}:{dm}:{db}:{dp}:{dh}",
-             "st": ":".join(str(a[f]) for f in ("plan", "per", "r", "m", "b", "p", "h", "used", "treq"))}
+             "st": ":".join(str(a[f]) for f in ("plan", "per", "r", "m", "b", "p", "h", "used", "treq",
+                                                "day", "rq", "ut"))}
         if c.request_id:
             e["rq"] = c.request_id
         for k, v in extra:
             if v:
                 e[k] = v
         self.journals.setdefault(c.keys[4], []).append(e)
+        c.entries.append(e)
         return int(a["seq"])
 
     @staticmethod
@@ -235,7 +252,10 @@ class ReferenceStore:
     def _commit(self, c: _Call, out: list[Any] | None = None, holds_changed: bool = False) -> None:
         self._save(c)
         if out is not None and c.request_id:
-            self.idempotency[c.keys[5]] = c.fingerprint + "\n" + "\t".join(str(v) for v in out)
+            record = c.fingerprint + "\n" + "\t".join(str(v) for v in out)
+            if c.entries:  # on the call's last entry, so rehydration can restore it
+                c.entries[-1]["ik"] = record
+            self.idempotency[c.keys[5]] = record
         if holds_changed:
             sweep = self.sweep.setdefault(c.keys[3], {})
             holds = self._holds(c)
@@ -249,6 +269,8 @@ class ReferenceStore:
     def _op_open(self, c: _Call, args: Sequence[str]) -> list[Any]:
         if self._load(c):
             return self._reply(c, "exists", c.a["seq"], 0)
+        if len(args) > 6 and args[6] == "probe":  # missing: the meter asks the database first
+            return ["no_account"]
         a: dict[str, Any] = dict.fromkeys(NUMERIC_FIELDS, 0)
         a.update(np="", plan=args[0], allow=int(args[1]), dcap=int(args[2]), rpm=int(args[3]),
                  maxreq=int(args[4]), rpct=int(args[5]), per=c.month, day=c.day, created=c.now)
@@ -259,6 +281,7 @@ class ReferenceStore:
             seq = self._journal(c, "allowance", 0, a["allow"], 0, 0, 0,
                                 [("nt", f"welcome: {a['plan']} plan allowance")])
         self._commit(c)
+        self._mark_live(c)
         return self._reply(c, "ok", seq, 0)
 
     def _spend_prelude(self, c: _Call, tokens: int) -> tuple[list[Any] | None, int]:
@@ -268,6 +291,8 @@ class ReferenceStore:
             return prior, 0
         if not self._load(c):
             return ["no_account"], 0
+        if self._unverified(c):
+            return ["verify"], 0
         if tokens > c.a["maxreq"]:
             return ["over_max", "0", 0, 0, 0, 0, 0, 0, 0, c.a["maxreq"], 0], 0
         self._roll_period(c)
@@ -321,6 +346,8 @@ class ReferenceStore:
             return prior, None
         if not self._load(c):
             return ["no_account"], None
+        if self._unverified(c):
+            return ["verify"], None
         self._roll_period(c)
         expired = self._expire_holds(c, LAZY_HOLDS)
         hold = self._holds(c).get(hid)
@@ -365,6 +392,8 @@ class ReferenceStore:
             return prior
         if not self._load(c):
             return ["no_account"]
+        if self._unverified(c):
+            return ["verify"]
         if c.a[bucket] + tokens >= 2**53:
             return ["overflow"]
         self._roll_period(c)
@@ -379,6 +408,8 @@ class ReferenceStore:
     def _op_balance(self, c: _Call, args: Sequence[str]) -> list[Any]:
         if not self._load(c):
             return ["no_account"]
+        if self._unverified(c):
+            return ["verify"]
         self._roll_period(c)
         expired = self._expire_holds(c, LAZY_HOLDS)
         self._commit(c, holds_changed=expired > 0)
@@ -395,6 +426,8 @@ class ReferenceStore:
             return prior, 0
         if not self._load(c):
             return ["no_account"], 0
+        if self._unverified(c):
+            return ["verify"], 0
         self._roll_period(c)
         return None, self._expire_holds(c, LAZY_HOLDS)
 
@@ -449,31 +482,63 @@ class ReferenceStore:
         if not self._load(c):
             self.sweep.get(c.keys[3], {}).pop(c.account_id, None)
             return ["no_account"]
+        if self._unverified(c):
+            return ["verify"]
         self._roll_period(c)
         n = self._expire_holds(c, int(args[0]))
         self._commit(c, holds_changed=True)
         return ["ok", n]
 
     def _op_load(self, c: _Call, args: Sequence[str]) -> list[Any]:
-        if c.keys[0] in self.accounts:
-            return ["exists", 0]
-        fields = dict(zip(args[0::2], args[1::2], strict=True))
-        holds = {k[5:]: _Hold(*(int(x) for x in v.split(":"))) for k, v in fields.items() if k.startswith("hold:")}
+        """lua/wallet_load.lua: load when missing or behind the snapshot, else keep; mark verified."""
+        fields: dict[str, str] = {}
+        holds: dict[str, _Hold] = {}
+        idem: list[tuple[str, str]] = []
+        for k, v in zip(args[0::2], args[1::2], strict=True):
+            if k.startswith("hold:"):
+                holds[k[5:]] = _Hold(*(int(x) for x in v.split(":")))
+            elif k.startswith("idem:"):
+                idem.append((c.keys[int(k[5:]) - 1], v))
+            else:
+                fields[k] = v
+        code, lost, since = "ok", 0, 0
+        stored = self.accounts.get(c.keys[0])
+        if stored is not None:
+            if "seq" not in fields or int(fields["seq"]) <= stored["seq"]:
+                self._mark_live(c)
+                self._restore_idempotency(idem)
+                return ["exists", 0]
+            code, lost, since = "replaced", int(fields["seq"]) - stored["seq"], stored["seq"]
+            del self.accounts[c.keys[0]]
+            self.holds.pop(c.keys[1], None)
+            self.sweep.get(c.keys[3], {}).pop(c.account_id, None)
+        elif "seq" not in fields:
+            return ["no_account"]
         a: dict[str, Any] = dict.fromkeys(NUMERIC_FIELDS, 0)
         a["np"] = ""
         for k, v in fields.items():
-            if not k.startswith("hold:"):
-                a[k] = v if k in TEXT_FIELDS else int(v)
+            a[k] = v if k in TEXT_FIELDS else int(v)
         self.accounts[c.keys[0]] = a
+        c.a = dict(a)
+        holds_changed = False
         if a["h"] > 0:
-            c.a = dict(a)
+            holds_changed = True
             if sum(h.tokens for h in holds.values()) == a["h"]:  # the open holds come back
                 self._holds(c).update(holds)
             else:  # unknown or inconsistent: the held tokens come back as bonus
-                lost = c.a["h"]
+                gone = c.a["h"]
                 c.a["h"] = 0
-                c.a["b"] += lost
-                self._journal(c, "release", 0, 0, lost, 0, -lost,
+                c.a["b"] += gone
+                self._journal(c, "release", 0, 0, gone, 0, -gone,
                               [("nt", "hold lost with Redis data; returned as bonus")])
-            self._commit(c, holds_changed=True)
-        return ["ok", 1]
+        if code == "replaced":
+            self._journal(c, "adjustment", 0, 0, 0, 0, 0,
+                          [("nt", f"redis lost entries {since + 1}-{fields['seq']}; state loaded from the ledger")])
+        self._commit(c, holds_changed=holds_changed)
+        self._mark_live(c)
+        self._restore_idempotency(idem)
+        return [code, lost]
+
+    def _restore_idempotency(self, records: Sequence[tuple[str, str]]) -> None:
+        for key, value in records:  # '<ttl_s>:<record>'; a record already there stays (SET NX)
+            self.idempotency.setdefault(key, value.partition(":")[2])

@@ -155,6 +155,10 @@ class JournalEntry:
     hold_id: str = ""
     note: str = ""
     reference: str = ""
+    day: int = 0  # the daily counters after this change (entries older than them carry 0s)
+    requests_today: int = 0
+    tokens_used_today: int = 0
+    idempotency_record: str = ""  # 'ik': the stored answer of the call, on its last entry
 
     @property
     def transaction_id(self) -> str:
@@ -169,7 +173,8 @@ class JournalEntry:
         """Parse a stream entry's fields (raises KeyError/ValueError on a malformed entry)."""
         seq, ts, dr, dm, db, dp, dh = map(int, numbers(f).split(":"))
         plan, *state = f["st"].split(":")
-        per, r, m, b, p, h, used, treq = map(int, state)
+        per, r, m, b, p, h, used, treq, *daily = map(int, state)
+        day, rq, ut = daily if daily else (0, 0, 0)
         return cls(
             kind=f["t"], account_id=f["a"], seq=seq, delta=dr + dm + db + dp + dh,
             rollover=dr, monthly=dm, bonus=db, premium=dp, held=dh,
@@ -180,7 +185,8 @@ class JournalEntry:
             input_tokens=int(f["in"]) if "in" in f else None,
             output_tokens=int(f["ou"]) if "ou" in f else None,
             project_id=f.get("pj", ""), hold_id=f.get("hl", ""), note=f.get("nt", ""),
-            reference=f.get("rf", ""),
+            reference=f.get("rf", ""), day=day, requests_today=rq, tokens_used_today=ut,
+            idempotency_record=f.get("ik", ""),
         )
 
 

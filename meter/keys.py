@@ -10,9 +10,9 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
-__all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "LoginKeys", "account_keys", "journal_key", "login_keys",
-           "promo_failures_key", "registration_address_key", "registration_global_key", "revoked_api_key_key",
-           "shard_of", "shard_tag", "stream_slots_key", "sweep_key"]
+__all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "LoginKeys", "account_keys", "idempotency_key", "journal_key",
+           "live_key", "login_keys", "promo_failures_key", "registration_address_key", "registration_global_key",
+           "revoked_api_key_key", "shard_of", "shard_tag", "stream_slots_key", "sweep_key"]
 
 PREFIX = "tm"
 DEFAULT_SHARDS = 64
@@ -43,6 +43,17 @@ def journal_key(shard: int, prefix: str = PREFIX) -> str:
 
 def sweep_key(shard: int, prefix: str = PREFIX) -> str:
     return f"{shard_tag(shard, prefix)}:sweep"
+
+
+def live_key(shard: int, prefix: str = PREFIX) -> str:
+    """Set of the shard's accounts verified against the ledger since Redis started (in Redis
+    memory only, never in the AOF: see lua/_wallet.lua mark_live)."""
+    return f"{shard_tag(shard, prefix)}:live"
+
+
+def idempotency_key(account_id: str, request_id: str, *, shards: int = DEFAULT_SHARDS, prefix: str = PREFIX) -> str:
+    """The stored answer of the call with this request id (today's encoding, as account_keys)."""
+    return f"{shard_tag(shard_of(account_id, shards), prefix)}:idem:{account_id}:{request_id}"
 
 
 def promo_failures_key(account_id: str, *, shards: int = DEFAULT_SHARDS, prefix: str = PREFIX) -> str:

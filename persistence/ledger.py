@@ -44,7 +44,7 @@ TX_COLUMNS = (
     "tokens_changed", "tokens_after", "held_changed", "held_after", "rollover_delta", "monthly_delta",
     "bonus_delta", "premium_delta", "agent_type", "model_used", "input_tokens", "output_tokens",
     "estimated_cost_usd_micros", "estimated_cost_inr_paise", "request_id", "project_id", "hold_id",
-    "description", "reference", "created_at",
+    "description", "reference", "created_at", "idempotency_record",
 )
 USAGE_KINDS = frozenset({"usage", "settle"})
 
@@ -79,7 +79,7 @@ def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepare
     get = fields.get
     seq, ts, dr, dm, db, dp, dh = map(int, numbers(fields).split(":"))
     state = fields["st"]
-    _, _, r, m, b, p, h, _, _ = state.split(":")
+    _, _, r, m, b, p, h = state.split(":", 7)[:7]
     kind, after, held = fields["t"], int(r) + int(m) + int(b) + int(p), int(h)
     moved = dr + dm + db + dp
     inp, out, model = get("in"), get("ou"), get("mo")
@@ -97,7 +97,7 @@ def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepare
     account = fields["a"]
     row = (f"{account}:{seq}", account, seq, stream_id, kind, after - moved, moved, after, dh,
            held, dr, dm, db, dp, get("ag"), model, inp, out, usd, inr,
-           get("rq"), get("pj"), get("hl"), get("nt"), get("rf"), _moment(ts))
+           get("rq"), get("pj"), get("hl"), get("nt"), get("rf"), _moment(ts), get("ik"))
     return row, state
 
 
@@ -116,11 +116,13 @@ def _snapshots(batch: Sequence[Prepared]) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     snaps = []
     for account, (row, state) in sorted(newest.items()):  # sorted: concurrent flushers lock alike
-        plan, per, r, m, b, p_, h, used, treq = state.split(":")
+        plan, per, r, m, b, p_, h, used, treq, *daily = state.split(":")
+        day, rq, ut = daily if daily else (0, 0, 0)  # entries written before the daily counters
         snaps.append({"account_id": account, "plan": plan, "period": int(per), "rollover_tokens": int(r),
                       "monthly_tokens": int(m), "bonus_tokens": int(b), "premium_tokens": int(p_),
                       "reserved_tokens": int(h), "remaining_tokens": row[7], "used_tokens": int(used),
-                      "total_requests": int(treq), "seq": row[2], "updated_at": now})
+                      "total_requests": int(treq), "seq": row[2], "updated_at": now,
+                      "day_index": int(day), "requests_today": int(rq), "tokens_used_today": int(ut)})
     return snaps
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, Index, Integer, String, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Account", "ApiKey", "Base", "PaymentEvent", "Project", "PromoCode", "PromoRedemption", "TokenBalance",
@@ -70,6 +70,10 @@ class TokenBalance(Base):
     total_requests: Mapped[int] = mapped_column()
     seq: Mapped[int] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column()
+    # 0006: the daily counters as of `seq` (restored by rehydration when `day_index` is today)
+    day_index: Mapped[int] = mapped_column(default=0, server_default="0")  # days since 1970-01-01 UTC
+    requests_today: Mapped[int] = mapped_column(default=0, server_default="0")
+    tokens_used_today: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class TokenTransaction(Base):
@@ -110,6 +114,8 @@ class TokenTransaction(Base):
     description: Mapped[str | None] = mapped_column(String(500))
     reference: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column()
+    # 0006: the call's stored idempotency answer (fingerprint + reply), restored by rehydration
+    idempotency_record: Mapped[str | None] = mapped_column(Text)
 
 
 class TokenPurchase(Base):

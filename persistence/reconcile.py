@@ -4,7 +4,10 @@ For each shard, one MULTI/EXEC reads the journal stream and the accounts' balanc
 the database is read in one REPEATABLE READ transaction. An account's ledger is the sum of its
 stored transactions up to Redis's sequence number plus the stream entries not yet stored.
 Available + held in Redis must equal it. Transactions stored beyond Redis's sequence mean
-Redis lost acknowledged data (the AOF loss window): reported, never hidden.
+Redis lost acknowledged data (the AOF loss window): reported per account as the entries and
+tokens Redis lost, never hidden; `repair` loads the ledger's state into Redis for those accounts
+(the load script journals it). `backlog` finds journal entries stuck in the streams (a dead
+flusher): pending or not yet delivered, older than a threshold.
 """
 
 from __future__ import annotations
@@ -14,15 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from sqlalchemy import bindparam, func, select
 
-from meter import JournalEntry
+from meter import JournalEntry, Meter
 from meter import keys as keyspace
 from persistence.db import Database
 from persistence.models import TokenBalance, TokenTransaction
 from persistence.rehydrate import Progress
 
-__all__ = ["AccountCheck", "format_report", "reconcile"]
+__all__ = ["AccountCheck", "Backlog", "backlog", "format_backlog", "format_report", "reconcile", "repair"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +35,8 @@ class AccountCheck:
     redis_total: int | None  # available + held; None when the account is not in Redis
     ledger_total: int
     unflushed: int  # stream entries not yet in the database
-    ledger_ahead: int  # stored transactions newer than Redis's state
+    ledger_ahead: int  # stored transactions newer than Redis's state: entries Redis lost
+    lost_tokens: int = 0  # their net change of available + held (what Redis's balance misses)
 
     @property
     def drift(self) -> int:
@@ -42,7 +47,8 @@ class AccountCheck:
         if self.redis_total is None:
             return "missing in redis (run rehydrate)"
         if self.ledger_ahead:
-            return "redis behind the ledger (data lost)"
+            return (f"redis lost {self.ledger_ahead} entries / {self.lost_tokens} tokens "
+                    "(behind the ledger; run reconcile --repair)")
         return "drift" if self.drift else "ok"
 
     @property
@@ -91,12 +97,13 @@ async def _check_shard(redis: Redis, db: Database, shard: int, accounts: list[st
             total_q = select(func.coalesce(func.sum(tx.c.tokens_changed + tx.c.held_changed), 0),
                              func.count()).where(tx.c.account_id == bindparam("a"),
                                                  tx.c.seq <= bindparam("s"))
-            ahead_q = select(func.count()).where(tx.c.account_id == bindparam("a"), tx.c.seq > bindparam("s"))
+            ahead_q = select(func.count(), func.coalesce(func.sum(tx.c.tokens_changed + tx.c.held_changed), 0)
+                             ).where(tx.c.account_id == bindparam("a"), tx.c.seq > bindparam("s"))
             for account_id, state in zip(accounts, states, strict=True):
                 in_redis = state[0] is not None
                 seq = int(state[5] or 0) if in_redis else 2**62
                 stored_total = int((await conn.execute(total_q, {"a": account_id, "s": seq})).one()[0])
-                ahead = int((await conn.execute(ahead_q, {"a": account_id, "s": seq})).scalar_one())
+                ahead, lost = (int(x) for x in (await conn.execute(ahead_q, {"a": account_id, "s": seq})).one())
                 entries = [e for e in pending.get(account_id, []) if e.seq <= seq]
                 stored = set()
                 if entries:
@@ -105,7 +112,7 @@ async def _check_shard(redis: Redis, db: Database, shard: int, accounts: list[st
                 unflushed = [e for e in entries if e.transaction_id not in stored]
                 redis_total = sum(int(x or 0) for x in state[:5]) if in_redis else None
                 ledger = stored_total + sum(e.delta for e in unflushed)
-                out.append(AccountCheck(account_id, redis_total, ledger, len(unflushed), ahead))
+                out.append(AccountCheck(account_id, redis_total, ledger, len(unflushed), ahead, lost))
     return out
 
 
@@ -118,4 +125,78 @@ def format_report(checks: list[AccountCheck], *, show_all: bool = False) -> str:
                      f"{c.unflushed:>9}  {c.status}")
     bad = sum(1 for c in checks if not c.ok)
     lines.append(f"{len(checks)} accounts checked, {bad} with drift")
+    return "\n".join(lines)
+
+
+async def repair(meter: Meter, checks: list[AccountCheck], *, apply: bool = False) -> list[str]:
+    """Make Redis agree with the ledger for every account Redis lacks or lost entries of: the
+    ledger's state is loaded (balance, holds, daily counters, idempotency records; the load
+    script journals it and the sequence moves past the ledger's last id). A dry run (the
+    default) only says what it would do. Lines to print, one per account."""
+    lines = []
+    for c in checks:
+        if c.redis_total is not None and not c.ledger_ahead:
+            continue  # plain drift is not Redis behind the ledger: loading would not fix it
+        what = "missing" if c.redis_total is None else f"{c.ledger_ahead} entries / {c.lost_tokens} tokens lost"
+        if not apply:
+            lines.append(f"would load {c.account_id} from the ledger ({what}); --apply to do it")
+            continue
+        loaded = await meter.rehydrate(c.account_id)
+        lines.append(f"{'loaded' if loaded else 'left'} {c.account_id} ({what})")
+    return lines
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    stream: str
+    stale: int  # entries older than the threshold, pending (read, not acknowledged) or not yet read
+    oldest_age_s: float  # age of the oldest of them
+
+
+async def backlog(redis: Redis, *, group: str, older_than_s: float, shards: int = keyspace.DEFAULT_SHARDS,
+                  prefix: str = keyspace.PREFIX, limit: int = 100_000) -> list[Backlog]:
+    """Streams holding journal entries older than `older_than_s` that the flusher has not
+    written (pending in `group`, or never delivered); counts stop at `limit` per stream.
+    Ages are taken from the entry ids against Redis's clock."""
+    sec, usec = await redis.time()
+    now_ms = int(sec) * 1000 + int(usec) // 1000
+    cutoff = now_ms - int(older_than_s * 1000)
+    out = []
+    for shard in range(shards):
+        stream = keyspace.journal_key(shard, prefix)
+        if not await redis.exists(stream):
+            continue
+        try:
+            groups = await redis.xinfo_groups(stream)
+        except ResponseError:
+            groups = []
+        g = next((g for g in groups if g["name"] == group), None)
+        ids: list[str] = []
+        if g is None:  # no flusher ever read this stream: everything in it is waiting
+            ids += [eid for eid, _ in await redis.xrange(stream, min="-", max=str(cutoff), count=limit)]
+        else:
+            if g["pending"]:
+                ids += [p["message_id"] for p in await redis.xpending_range(
+                    stream, group, min="-", max=str(cutoff), count=limit)]
+            last = g["last-delivered-id"]
+            if _ms_of(last) <= cutoff:
+                ids += [eid for eid, _ in await redis.xrange(stream, min=f"({last}", max=str(cutoff), count=limit)]
+        if ids:
+            oldest = min(_ms_of(i) for i in ids)
+            out.append(Backlog(stream, len(ids), (now_ms - oldest) / 1000))
+    return out
+
+
+def _ms_of(entry_id: str) -> int:
+    return int(str(entry_id).split("-")[0])
+
+
+def format_backlog(found: list[Backlog], older_than_s: float) -> str:
+    if not found:
+        return ""
+    total = sum(b.stale for b in found)
+    worst = max(b.oldest_age_s for b in found)
+    lines = [f"WARNING: {total} journal entries older than {older_than_s:g}s not yet in the ledger "
+             f"(oldest {worst:.0f}s) in {len(found)} streams: is the flusher running?"]
+    lines += [f"  {b.stream}: {b.stale} entries, oldest {b.oldest_age_s:.0f}s" for b in found]
     return "\n".join(lines)

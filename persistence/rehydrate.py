@@ -1,6 +1,8 @@
 """Rehydration: rebuild an account missing from Redis from the database snapshot, brought up to
 date with any newer entry still in the journal stream (entries carry the full state after them),
-with its open holds (ledger and stream: 'hold' entries with no settle or release yet).
+with its open holds (ledger and stream: 'hold' entries with no settle or release yet), its daily
+counters and the idempotency records of its calls of the last 24 h (from the ledger), so after a
+Redis loss the daily cap does not start over and a retry is answered, not charged again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from sqlalchemy import String, cast, exists, select
 
 from meter import Catalog, JournalEntry, Meter
 from meter import keys as keyspace
-from meter._clock import month_index
+from meter._clock import Clock, SystemClock, month_index
 from persistence.db import Database
 from persistence.models import TokenBalance, TokenTransaction
 
@@ -45,9 +47,11 @@ class SnapshotLoader:
     """`Meter(loader=SnapshotLoader(...))`: an account's fields from the database and stream."""
 
     def __init__(self, db: Database, redis: Redis, catalog: Catalog, *,
-                 shards: int = keyspace.DEFAULT_SHARDS, prefix: str = keyspace.PREFIX) -> None:
+                 shards: int = keyspace.DEFAULT_SHARDS, prefix: str = keyspace.PREFIX,
+                 clock: Clock | None = None) -> None:
         self.db, self.redis, self.catalog = db, redis, catalog
         self.shards, self.prefix = shards, prefix
+        self.clock = clock or SystemClock()  # the meter's: the age of a stored idempotency record
 
     async def __call__(self, account_id: str) -> dict[str, str | int] | None:
         async with self.db.sessions() as session:
@@ -58,22 +62,43 @@ class SnapshotLoader:
                 "plan": newest.plan, "per": newest.period, "r": newest.rollover_after,
                 "m": newest.monthly_after, "b": newest.bonus_after, "p": newest.premium_after,
                 "h": newest.held_after, "used": newest.used_after, "treq": newest.requests_after,
-                "seq": newest.seq}
+                "seq": newest.seq, "day": newest.day, "rq": newest.requests_today, "ut": newest.tokens_used_today}
         elif snap is not None:
             state = {"plan": snap.plan, "per": snap.period, "r": snap.rollover_tokens,
                      "m": snap.monthly_tokens, "b": snap.bonus_tokens, "p": snap.premium_tokens,
                      "h": snap.reserved_tokens, "used": snap.used_tokens, "treq": snap.total_requests,
-                     "seq": snap.seq}
+                     "seq": snap.seq, "day": snap.day_index, "rq": snap.requests_today,
+                     "ut": snap.tokens_used_today}
         else:
             return None
         plan = self.catalog.plans.get(state["plan"]) or self.catalog.plan("free")
         state.update(allow=plan.monthly_tokens, dcap=plan.daily_requests, rpm=plan.requests_per_minute,
-                     maxreq=plan.max_tokens_per_request, rpct=plan.rollover_pct,
-                     day=0, rq=0, ut=0, tat=0, created=0)
+                     maxreq=plan.max_tokens_per_request, rpct=plan.rollover_pct, tat=0, created=0)
+        # the daily counters as they were: the load script keeps them, the next touch clears
+        # them if their day is over
         if state["h"]:
             for hid, record in (await self._open_holds(account_id)).items():
                 state[f"hold:{hid}"] = record
+        for request_id, record in (await self._idempotency_records(account_id)).items():
+            state[f"idem:{request_id}"] = record
         return state
+
+    async def _idempotency_records(self, account_id: str) -> dict[str, str]:
+        """'<ttl_s>:<record>' by request id: the stored answers of the account's calls of the
+        last 24 h (their ledger rows carry the record), each for what is left of its 24 h."""
+        now_ms = self.clock.now_ms()
+        since = datetime.fromtimestamp((now_ms - IDEMPOTENCY_TTL_S * 1000) / 1000, tz=UTC)
+        tx = TokenTransaction.__table__
+        query = select(tx.c.request_id, tx.c.idempotency_record, tx.c.created_at).where(
+            tx.c.account_id == account_id, tx.c.created_at > since, tx.c.idempotency_record.is_not(None),
+            tx.c.request_id.is_not(None))
+        out: dict[str, str] = {}
+        async with self.db.engine.connect() as conn:
+            for request_id, record, at in (await conn.execute(query)).all():
+                ttl_s = IDEMPOTENCY_TTL_S - (now_ms - _ms(at)) // 1000
+                if ttl_s > 0:
+                    out[request_id] = f"{ttl_s}:{record}"
+        return out
 
     async def _open_holds(self, account_id: str) -> dict[str, str]:
         """The account's holds neither settled nor released, from the ledger and the stream, as
@@ -145,11 +170,13 @@ def _hold_record(tokens: int, dr: int, dm: int, db: int, dp: int, at_ms: int, no
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+IDEMPOTENCY_TTL_S = 86_400  # as lua/_wallet.lua IDEM_TTL_S
 
 
 async def rehydrate_all(meter: Meter, db: Database, *, progress: Callable[[int], Progress] | None = None
                         ) -> int:
-    """Load every account the database knows and Redis lacks; returns how many were loaded."""
+    """Load every account the database knows and Redis lacks or is behind on (and verify the
+    others); returns how many were loaded."""
     async with db.sessions() as session:
         ids = list((await session.execute(select(TokenBalance.account_id))).scalars())
     bar = (progress or (lambda n: Progress("rehydrate", n)))(len(ids))

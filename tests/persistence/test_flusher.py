@@ -331,7 +331,7 @@ async def test_entries_of_the_earlier_format_still_flush(make_meter: MeterFactor
     assert len(entries) == 4 and all(set(f) >= {"t", "a", "n", "st"} for _, f in entries)
     for eid, f in entries:
         seq, ts, *deltas = f["n"].split(":")
-        _, _, r, m, b, p, h_after, _, _ = f["st"].split(":")
+        _, _, r, m, b, p, h_after = f["st"].split(":")[:7]
         old = {k: v for k, v in f.items() if k != "n"} | {
             "q": seq, "ts": ts, "bk": ":".join(deltas), "d": str(sum(map(int, deltas))),
             "av": str(int(r) + int(m) + int(b) + int(p)), "hd": h_after}

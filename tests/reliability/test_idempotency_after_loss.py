@@ -1,0 +1,64 @@
+"""Finding 7: idempotency records survive a Redis loss. 49 requests with Idempotency-Keys
+(debits, a reserve and its settle, a credit), flushed; FLUSHALL; every retry gets the stored
+answer (replayed, same transaction id and figures) and charges nothing; one ledger row per key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from meter import FakeClock, IdempotencyConflict
+from tests.reliability._redis_loss import dead_letters, flusher, ledger_rows, loss_meter, private_redis_server
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+
+
+async def test_retries_after_flushall_are_answered_not_charged(tmp_path: Any, database: Any,
+                                                               clock: FakeClock) -> None:
+    async with private_redis_server(str(tmp_path)) as server:
+        meter = await loss_meter(server.url, database, clock)
+        try:
+            assert await meter.open_account("u1", "pro")
+            first = {}
+            for i in range(46):
+                first[f"d{i}"] = await meter.debit("u1", 50 + i, model="sonnet", request_id=f"d{i}")
+            first["r"] = await meter.reserve("u1", 700, ttl_ms=600_000, request_id="r")
+            hold = first["r"].hold_id
+            assert hold
+            first["s"] = await meter.settle("u1", hold, 500, request_id="s")
+            first["c"] = await meter.credit("u1", 999, bucket="premium", kind="purchase", request_id="c")
+            assert len(first) == 49
+            await flusher(meter, database).drain()
+            before = await meter.balance("u1")
+            clock.advance(3_600_000)  # an hour later: well inside the 24 h
+            await meter.store.redis.flushall()  # type: ignore[attr-defined]
+
+            again = {f"d{i}": await meter.debit("u1", 50 + i, model="sonnet", request_id=f"d{i}") for i in range(46)}
+            again["r"] = await meter.reserve("u1", 700, ttl_ms=600_000, request_id="r")
+            again["s"] = await meter.settle("u1", hold, 500, request_id="s")
+            again["c"] = await meter.credit("u1", 999, bucket="premium", kind="purchase", request_id="c")
+            for rid, answer in again.items():
+                assert answer.replayed, rid
+                assert answer.transaction_id == first[rid].transaction_id, rid
+                assert answer.remaining == first[rid].remaining, rid
+            with pytest.raises(IdempotencyConflict):  # the same key with other parameters
+                await meter.debit("u1", 51, request_id="d0")
+            after = await meter.balance("u1")
+            assert (after.remaining_tokens, after.reserved_tokens, after.used_tokens) == (
+                before.remaining_tokens, before.reserved_tokens, before.used_tokens)
+
+            await flusher(meter, database).drain()
+            assert await dead_letters(meter) == 0
+            rows = await ledger_rows(database, "u1")
+            keyed = [r.request_id for r in rows if r.request_id]
+            assert sorted(keyed) == sorted(first)  # one row per key: nothing charged twice
+            charged = sum(50 + i for i in range(46)) + 500
+            assert sum(r.tokens_changed + r.held_changed for r in rows) == 250_000 + 999 - charged
+
+            clock.advance(23 * 3_600_000 + 1_000)  # past the 24 h of d0's answer: not restored
+            await meter.store.redis.flushall()  # type: ignore[attr-defined]
+            late = await meter.debit("u1", 50, model="sonnet", request_id="d0")
+            assert not late.replayed and late.allowed
+        finally:
+            await meter.close()
