@@ -81,8 +81,8 @@ async def test_restarted_flusher_rereads_its_own_pending_entries_at_once(make_me
     second = start_process(cmd, env=env)
     started = time.monotonic()
     try:
-        for _ in range(600):
-            if await _rows(db) >= expected:
+        for _ in range(600):  # written, then acknowledged (XACK follows the commit)
+            if await _rows(db) >= expected and await _consumers(redis, streams) == {name: 0}:
                 break
             assert second.poll() is None
             await asyncio.sleep(0.1)
