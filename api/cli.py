@@ -126,7 +126,7 @@ async def cmd_rehydrate(args: argparse.Namespace) -> int:
 
 async def cmd_reconcile(args: argparse.Namespace) -> int:
     from persistence.flusher import FlusherConfig
-    from persistence.reconcile import backlog, format_backlog, format_report, reconcile, repair
+    from persistence.reconcile import format_backlog, format_report, reconcile, repair, stale_backlog
 
     async def run(rt: Runtime) -> int:
         s = rt.settings
@@ -139,7 +139,7 @@ async def cmd_reconcile(args: argparse.Namespace) -> int:
                 checks = await reconcile(rt.redis, rt.db, shards=s.shards, prefix=s.key_prefix)
                 print(format_report(checks, show_all=args.all))
         stale_after = s.reconcile_stale_after_s if args.stale_after is None else args.stale_after
-        stuck = await backlog(rt.redis, group=FlusherConfig().group, older_than_s=stale_after,
+        stuck = await stale_backlog(rt.redis, group=FlusherConfig().group, older_than_s=stale_after,
                               shards=s.shards, prefix=s.key_prefix)
         if stuck:
             print(format_backlog(stuck, stale_after))

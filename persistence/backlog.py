@@ -108,10 +108,11 @@ async def shard_backlog(redis: Redis, streams: Sequence[str], *, group: str = DE
 
 
 async def backlog(redis: Redis, *, shards: int = keyspace.DEFAULT_SHARDS, prefix: str = keyspace.PREFIX,
-                  group: str = DEFAULT_GROUP) -> list[ShardBacklog]:
+                  group: str = DEFAULT_GROUP, now_ms: int | None = None) -> list[ShardBacklog]:
     """Per shard: pending count, undelivered count and the age of the oldest unacknowledged
     journal entry (what `tokenmeter reconcile` can warn about when it is stale)."""
-    return await shard_backlog(redis, [keyspace.journal_key(s, prefix) for s in range(shards)], group=group)
+    return await shard_backlog(redis, [keyspace.journal_key(s, prefix) for s in range(shards)], group=group,
+                               now_ms=now_ms)
 
 
 class BacklogMonitor:

@@ -17,16 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 from sqlalchemy import bindparam, func, select
 
 from meter import JournalEntry, Meter
 from meter import keys as keyspace
+from persistence.backlog import DEFAULT_GROUP, ShardBacklog, backlog
 from persistence.db import Database
 from persistence.models import TokenBalance, TokenTransaction
 from persistence.rehydrate import Progress
 
-__all__ = ["AccountCheck", "Backlog", "backlog", "format_backlog", "format_report", "reconcile", "repair"]
+__all__ = ["AccountCheck", "format_backlog", "format_report", "reconcile", "repair", "stale_backlog"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,57 +146,22 @@ async def repair(meter: Meter, checks: list[AccountCheck], *, apply: bool = Fals
     return lines
 
 
-@dataclass(frozen=True, slots=True)
-class Backlog:
-    stream: str
-    stale: int  # entries older than the threshold, pending (read, not acknowledged) or not yet read
-    oldest_age_s: float  # age of the oldest of them
-
-
-async def backlog(redis: Redis, *, group: str, older_than_s: float, shards: int = keyspace.DEFAULT_SHARDS,
-                  prefix: str = keyspace.PREFIX, limit: int = 100_000) -> list[Backlog]:
-    """Streams holding journal entries older than `older_than_s` that the flusher has not
-    written (pending in `group`, or never delivered); counts stop at `limit` per stream.
-    Ages are taken from the entry ids against Redis's clock."""
+async def stale_backlog(redis: Redis, *, older_than_s: float, group: str = DEFAULT_GROUP,
+                        shards: int = keyspace.DEFAULT_SHARDS, prefix: str = keyspace.PREFIX) -> list[ShardBacklog]:
+    """The shards whose oldest journal entry not yet in the ledger (pending in `group`, or never
+    delivered) is older than `older_than_s`: a flusher stopped or stuck. Ages against Redis's clock."""
     sec, usec = await redis.time()
-    now_ms = int(sec) * 1000 + int(usec) // 1000
-    cutoff = now_ms - int(older_than_s * 1000)
-    out = []
-    for shard in range(shards):
-        stream = keyspace.journal_key(shard, prefix)
-        if not await redis.exists(stream):
-            continue
-        try:
-            groups = await redis.xinfo_groups(stream)
-        except ResponseError:
-            groups = []
-        g = next((g for g in groups if g["name"] == group), None)
-        ids: list[str] = []
-        if g is None:  # no flusher ever read this stream: everything in it is waiting
-            ids += [eid for eid, _ in await redis.xrange(stream, min="-", max=str(cutoff), count=limit)]
-        else:
-            if g["pending"]:
-                ids += [p["message_id"] for p in await redis.xpending_range(
-                    stream, group, min="-", max=str(cutoff), count=limit)]
-            last = g["last-delivered-id"]
-            if _ms_of(last) <= cutoff:
-                ids += [eid for eid, _ in await redis.xrange(stream, min=f"({last}", max=str(cutoff), count=limit)]
-        if ids:
-            oldest = min(_ms_of(i) for i in ids)
-            out.append(Backlog(stream, len(ids), (now_ms - oldest) / 1000))
-    return out
+    found = await backlog(redis, shards=shards, prefix=prefix, group=group, now_ms=int(sec) * 1000 + int(usec) // 1000)
+    return [b for b in found if b.unflushed and b.oldest_unacked_age_s >= older_than_s]
 
 
-def _ms_of(entry_id: str) -> int:
-    return int(str(entry_id).split("-")[0])
-
-
-def format_backlog(found: list[Backlog], older_than_s: float) -> str:
+def format_backlog(found: list[ShardBacklog], older_than_s: float) -> str:
     if not found:
         return ""
-    total = sum(b.stale for b in found)
-    worst = max(b.oldest_age_s for b in found)
-    lines = [f"WARNING: {total} journal entries older than {older_than_s:g}s not yet in the ledger "
-             f"(oldest {worst:.0f}s) in {len(found)} streams: is the flusher running?"]
-    lines += [f"  {b.stream}: {b.stale} entries, oldest {b.oldest_age_s:.0f}s" for b in found]
+    total = sum(b.unflushed for b in found)
+    worst = max(b.oldest_unacked_age_s for b in found)
+    lines = [f"WARNING: {total} journal entries not yet in the ledger, the oldest {worst:.0f}s old (over "
+             f"{older_than_s:g}s) in {len(found)} streams: is the flusher running?"]
+    lines += [f"  {b.stream}: {b.pending} pending, {b.undelivered} never read, oldest {b.oldest_unacked_age_s:.0f}s"
+              for b in found]
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from meter import keys as keyspace
 from persistence import migrate
 from persistence.db import Database
 from persistence.flusher import FlusherConfig
-from persistence.reconcile import backlog, format_backlog
+from persistence.reconcile import format_backlog, stale_backlog
 from tests.conftest import REDIS_URL, MeterFactory
 from tests.reliability._redis_loss import flusher
 
@@ -31,10 +31,10 @@ async def test_backlog_counts_unread_and_unacknowledged_entries(make_meter: Mete
     for i in range(5):
         await meter.open_account(f"u{i}")
         await meter.debit(f"u{i}", 10)  # two entries each: welcome and usage
-    assert await backlog(redis, group=GROUP, older_than_s=3600, shards=4, prefix=meter.prefix) == []
-    found = await backlog(redis, group=GROUP, older_than_s=0, shards=4, prefix=meter.prefix)
-    assert sum(b.stale for b in found) == 10  # no flusher ever ran: all unread
-    assert format_backlog(found, 0).startswith("WARNING: 10 journal entries older than 0s not yet in the ledger")
+    assert await stale_backlog(redis, group=GROUP, older_than_s=3600, shards=4, prefix=meter.prefix) == []
+    found = await stale_backlog(redis, group=GROUP, older_than_s=0, shards=4, prefix=meter.prefix)
+    assert sum(b.unflushed for b in found) == 10  # no flusher ever ran: all unread
+    assert format_backlog(found, 0).startswith("WARNING: 10 journal entries not yet in the ledger")
 
     db = Database(str(tmp_path / "tm.sqlite3"))
     await migrate.upgrade(db)
@@ -44,11 +44,11 @@ async def test_backlog_counts_unread_and_unacknowledged_entries(make_meter: Mete
         stream = keyspace.journal_key(keyspace.shard_of("u0", 4), meter.prefix)
         read = await redis.xreadgroup(GROUP, "dead-one", {stream: ">"}, count=1)  # read, never acked
         assert len(read[0][1]) == 1
-        found = await backlog(redis, group=GROUP, older_than_s=0, shards=4, prefix=meter.prefix)
-        assert sum(b.stale for b in found) == 10  # 1 pending + 9 undelivered
+        found = await stale_backlog(redis, group=GROUP, older_than_s=0, shards=4, prefix=meter.prefix)
+        assert sum(b.unflushed for b in found) == 10  # 1 pending + 9 undelivered
         f.config.claim_idle_ms = 0  # take the dead consumer's entry over at once
         await f.drain()
-        assert await backlog(redis, group=GROUP, older_than_s=0, shards=4, prefix=meter.prefix) == []
+        assert await stale_backlog(redis, group=GROUP, older_than_s=0, shards=4, prefix=meter.prefix) == []
 
         await meter.debit("u1", 1)
         env = {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": f"sqlite:///{tmp_path / 'tm.sqlite3'}",
@@ -59,7 +59,7 @@ async def test_backlog_counts_unread_and_unacknowledged_entries(make_meter: Mete
                                   capture_output=True, text=True, timeout=60)
 
         r = await asyncio.to_thread(cli, "--stale-after", "0")
-        assert r.returncode == 1 and "WARNING: 1 journal entries older than 0s" in r.stdout, r
+        assert r.returncode == 1 and "WARNING: 1 journal entries not yet in the ledger" in r.stdout, r
         r = await asyncio.to_thread(cli, "--stale-after", "3600")
         assert r.returncode == 0 and "WARNING" not in r.stdout, r
     finally:
