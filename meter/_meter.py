@@ -112,6 +112,7 @@ class Meter:
         k = self._account_keys(account_id)
         if not request_id:
             return k
+        # k.idempotency is keyspace.idempotency_key(account_id, ""), the prefix of every request id's key
         return (*k[:5], f"{k.idempotency}{request_id}")
 
     def _now(self) -> tuple[int, int, int]:
