@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     catalog: str | None = Field(default=None, description="path of a catalog TOML file")
     shards: int = Field(default=64, ge=1, le=16384, description="journal shards; fixed at deploy")
     key_prefix: str = Field(default="tm", pattern=r"^[A-Za-z0-9_-]{1,32}$")
-    redis_timeout_ms: int = Field(default=250, ge=10, le=60_000, description="Redis silent this long: 503")
+    redis_timeout_ms: int = Field(default=100, ge=10, le=60_000,
+                                  description="Redis silent this long: 503 (the 100 ms fail-closed target)")
     redis_connect_timeout_ms: int = Field(default=100, ge=10, le=60_000)
     hold_ttl_ms: int = Field(default=300_000, ge=1, le=86_400_000)
     flusher: str = Field(default="inprocess", pattern="^(inprocess|external)$",
