@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from sqlalchemy import select
 
+from api.body_limit import BodySizeLimit
 from api.errors import install_error_handlers
 from api.fastpath import MeterFastPath
 from api.runtime import Runtime
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(MeterFastPath)  # POST /api/v1/meter/debit without the framework's per-request work
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # added last = outermost
     from api.routes import admin, auth, meter, ops, plans, projects, purchases, tokens
 
     app.include_router(ops.router)
