@@ -47,8 +47,11 @@ class RedisProxy:
         return f"redis://127.0.0.1:{port}/0"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection(*self.target)
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
         self.clients.append(writer)
+        up_r, up_w = await asyncio.open_connection(*self.target)
 
         async def commands() -> None:
             try:
@@ -88,7 +91,10 @@ class RedisProxy:
         self.clients.clear()
 
     async def stop(self) -> None:
-        self.refuse()
+        self.refuse()  # every pipe ends on the aborted connections; wait for them (bounded)
+        pending = {t for t in self.tasks if not t.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=5)
         await self.server.wait_closed()
 
 
