@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
+from api.middleware import TokenMeterMiddleware
 from meter import Meter, OutcomeUnknown, StoreUnavailable
 from meter._redis_store import RedisStore
 from tests.api.conftest import make_settings, running_app
@@ -237,3 +239,34 @@ async def test_over_http(tmp_path: Any, proxy: tuple[RedisProxy, str]) -> None:
         assert r.json()["error"] == "store_unavailable"
         # teardown deletes the prefix's keys through the app's Redis client: point it past the proxy
         api.state.rt.redis = Redis.from_url(REDIS_URL, decode_responses=True)
+
+
+async def test_the_middleware_says_outcome_unknown(proxy: tuple[RedisProxy, str],
+                                                   direct: Callable[[str], Awaitable[Meter]]) -> None:
+    p, url = proxy
+    prefix = f"tmou{uuid.uuid4().hex[:8]}"
+    check = await direct(prefix)
+    await check.open_account("u1")
+    meter = await connect("pipelined", url, prefix)
+    ran: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        ran.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    wrapped = TokenMeterMiddleware(app, meter=meter, account=lambda s: "u1", tokens=10)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="http://t") as client:
+            assert (await client.get("/warm")).status_code == 200
+            start = (await check.balance("u1")).remaining_tokens
+            p.mode = "swallow"
+            r = await client.get("/x", headers={"Idempotency-Key": "m-1"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"] == "outcome_unknown" and ran == ["/warm"]
+            p.mode = "pass"
+            r = await client.get("/x", headers={"Idempotency-Key": "m-1"})
+            assert r.status_code == 200 and ran == ["/warm", "/x"]
+            assert (await check.balance("u1")).remaining_tokens == start - 10  # charged once
+    finally:
+        await meter.close()
