@@ -270,3 +270,39 @@ async def test_the_middleware_says_outcome_unknown(proxy: tuple[RedisProxy, str]
             assert (await check.balance("u1")).remaining_tokens == start - 10  # charged once
     finally:
         await meter.close()
+
+
+@pytest.mark.unit
+async def test_the_hot_connection_tells_sent_from_unsent() -> None:
+    """Lost after its write: OutcomeUnknown; still in the output buffer (never written): StoreUnavailable."""
+    from meter._pipelined_store import _Connection, pack
+
+    class Transport:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+        def close(self) -> None: ...
+
+        def abort(self) -> None: ...
+
+    conn = _Connection(timeout=5.0)
+    transport = Transport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    sent = conn.send(pack("PING"))
+    await asyncio.sleep(0)  # the flush runs: written
+    assert transport.written
+    unsent = conn.send(pack("PING"))  # queued for the next flush
+    conn.connection_lost(ConnectionResetError("reset"))
+    with pytest.raises(OutcomeUnknown):
+        await sent
+    with pytest.raises(StoreUnavailable) as err:
+        await unsent
+    assert not isinstance(err.value, OutcomeUnknown)
+    with pytest.raises(StoreUnavailable) as err:  # a send on the broken connection sends nothing
+        conn.send(pack("PING"))
+    assert not isinstance(err.value, OutcomeUnknown)
+    await asyncio.sleep(0)
+    assert len(transport.written) == 1
