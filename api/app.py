@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from sqlalchemy import select, update
 
 from api.background import Background
+from api.body_limit import BodySizeLimit
 from api.errors import install_error_handlers
 from api.fastpath import MeterFastPath
 from api.headers import PrivateHeaders
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(PrivateHeaders)  # nosniff, no-store; inside the fast path, which adds its own
     app.add_middleware(MeterFastPath)  # POST /api/v1/meter/debit without the framework's per-request work
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # added last = outermost
     from api.routes import admin, auth, meter, ops, plans, projects, purchases, tokens
 
     app.include_router(ops.router)

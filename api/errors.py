@@ -17,12 +17,16 @@ from meter import (
     IdempotencyConflict,
     InvalidInput,
     MeterError,
+    OutcomeUnknown,
     StoreUnavailable,
     UnknownAccount,
     UnknownHold,
 )
 
-__all__ = ["error_body", "field_names", "install_error_handlers"]
+__all__ = ["OUTCOME_UNKNOWN_ADVICE", "error_body", "field_names", "install_error_handlers"]
+
+OUTCOME_UNKNOWN_ADVICE = ("the request reached the token store but its answer was lost: it may have been "
+                          "applied; retry with the same Idempotency-Key (a retry without one may be charged twice)")
 
 
 def error_body(error: str, message: str, **details: Any) -> dict[str, Any]:
@@ -105,6 +109,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
         return JSONResponse(status_code=503, headers={"Retry-After": "1"},
                             content=error_body("store_unavailable", f"token store unavailable: {exc}"))
+
+    @app.exception_handler(OutcomeUnknown)  # (more specific than StoreUnavailable: matched first)
+    async def outcome_unknown(_: Request, exc: OutcomeUnknown) -> JSONResponse:
+        return JSONResponse(status_code=503, headers={"Retry-After": "1"},
+                            content=error_body("outcome_unknown", f"{OUTCOME_UNKNOWN_ADVICE} ({exc})"))
 
     @app.exception_handler(MeterError)
     async def meter_error(_: Request, exc: MeterError) -> JSONResponse:

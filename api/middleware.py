@@ -10,7 +10,9 @@ Each metered HTTP request costs one `meter.debit(...)` (one Redis script) before
 - insufficient → 402 with the brief's body; daily cap or per-minute limit → 429 with
   `Retry-After`; the app is not called;
 - bad input → 422, unknown account → 404, reused Idempotency-Key with other parameters → 409;
-- Redis down → 503 (fail closed), or, with `fail_open=True`, the app runs un-metered and the
+- Redis down → 503 `store_unavailable` (fail closed; nothing was charged), or `outcome_unknown`
+  when the debit was sent and its answer lost (it may have been charged: retry with the same
+  Idempotency-Key), or, with `fail_open=True`, the app runs un-metered and the
   response says `X-Tokens-Metering: unavailable` (plain rate limiting only, never for billing).
 
 Pure ASGI on purpose (never BaseHTTPMiddleware): headers are added by wrapping `send` and
@@ -26,7 +28,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_body
+from api.errors import OUTCOME_UNKNOWN_ADVICE, error_body
 from api.metering import denial_body
 from meter import (
     Decision,
@@ -34,6 +36,7 @@ from meter import (
     InvalidInput,
     Meter,
     MeterError,
+    OutcomeUnknown,
     StoreUnavailable,
     UnknownAccount,
 )
@@ -151,8 +154,11 @@ class TokenMeterMiddleware:
                 # Availability over accuracy, as configured: serve un-metered and say so.
                 await self.app(scope, receive, _with_headers(send, [_UNAVAILABLE], start))
                 return
-            await _json(send, 503, error_body("store_unavailable", f"token store unavailable: {exc}"),
-                        [_RETRY_SOON], start)
+            if isinstance(exc, OutcomeUnknown):  # sent, answer lost: maybe charged; retry with the same key
+                body = error_body("outcome_unknown", f"{OUTCOME_UNKNOWN_ADVICE} ({exc})")
+            else:
+                body = error_body("store_unavailable", f"token store unavailable: {exc}")
+            await _json(send, 503, body, [_RETRY_SOON], start)
             return
         except InvalidInput as exc:
             await _json(send, 422, error_body("invalid_input", f"{exc.field}: {exc.message}", field=exc.field),

@@ -23,8 +23,12 @@ class Settings(BaseSettings):
     catalog: str | None = Field(default=None, description="path of a catalog TOML file")
     shards: int = Field(default=64, ge=1, le=16384, description="journal shards; fixed at deploy")
     key_prefix: str = Field(default="tm", pattern=r"^[A-Za-z0-9_-]{1,32}$")
-    redis_timeout_ms: int = Field(default=250, ge=10, le=60_000, description="Redis silent this long: 503")
+    redis_timeout_ms: int = Field(default=100, ge=10, le=60_000,
+                                  description="Redis silent this long: 503 (the 100 ms fail-closed target)")
     redis_connect_timeout_ms: int = Field(default=100, ge=10, le=60_000)
+    max_body_bytes: int = Field(default=65_536, ge=1_024, le=64 * 1024 * 1024,
+                                description="request bodies over this are refused with 413 before they are "
+                                            "read in full (every route; the debit keeps its 16 KiB cap)")
     hold_ttl_ms: int = Field(default=300_000, ge=1, le=86_400_000)
     flusher: str = Field(default="inprocess", pattern="^(inprocess|external)$",
                          description="inprocess: the service flushes; external: `tokenmeter flusher` does")

@@ -7,6 +7,7 @@ __all__ = [
     "IdempotencyConflict",
     "InvalidInput",
     "MeterError",
+    "OutcomeUnknown",
     "StoreUnavailable",
     "UnknownAccount",
     "UnknownHold",
@@ -52,7 +53,14 @@ class IdempotencyConflict(MeterError):
 
 
 class StoreUnavailable(MeterError):
-    """Redis could not be reached or did not answer in time. The meter fails closed."""
+    """Redis could not be reached: the command was not sent, so nothing was changed. The meter
+    fails closed. (Its subclass OutcomeUnknown is the case where the command was sent.)"""
+
+
+class OutcomeUnknown(StoreUnavailable):
+    """The command was sent, then the connection dropped or Redis did not answer in time: it may
+    well have run (it usually did). Retry with the same request id: the retry is replayed if the
+    first one ran, charged once if it did not. A call without a request id is not retry-safe."""
 
 
 class CatalogError(MeterError, ValueError):

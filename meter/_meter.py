@@ -89,15 +89,16 @@ class Meter:
         cls,
         url: str = "redis://127.0.0.1:6379/0",
         *,
-        timeout_ms: int = 250,
+        timeout_ms: int = 100,
         connect_timeout_ms: int = 100,
         **options: Any,
     ) -> Meter:
         """A Meter on Redis at `url` (redis://, rediss:// or unix://); `fakeredis://` runs an
         in-process Redis with Lua (the embedded default).
 
-        Connecting gives up after `connect_timeout_ms` (100) and a call waits at most `timeout_ms` for Redis: when
-        Redis is down every call raises StoreUnavailable instead of waiting (fail closed).
+        Connecting gives up after `connect_timeout_ms` (100) and a call waits at most `timeout_ms` (100) for Redis:
+        when Redis is down every call raises StoreUnavailable instead of waiting (fail closed); OutcomeUnknown when
+        the command was sent and its reply lost (it may have run: retry with the same request id).
         """
         store: Store
         if url.startswith("fakeredis://"):
@@ -124,6 +125,7 @@ class Meter:
             return (*k[:5], idem, self._live_key(account_id))
         if not request_id:
             return k
+        # k.idempotency is keyspace.idempotency_key(account_id, ""), the prefix of every request id's key
         return (*k[:5], f"{k.idempotency}{request_id}")
 
     def _now(self) -> tuple[int, int, int]:

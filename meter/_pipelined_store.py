@@ -3,9 +3,12 @@
 Every call is written into an output buffer that is flushed once per event-loop tick, so
 concurrent calls share one write and one read (auto-batching without a pipeline object).
 Replies arrive in order and resolve their callers' futures straight from `data_received`.
-A watchdog fails every waiting call with
-StoreUnavailable when Redis has not answered anything for `timeout_ms` while calls wait: the
-meter fails closed.
+A watchdog fails every waiting call when Redis has not answered anything for `timeout_ms` while
+calls wait: the meter fails closed.
+
+Failures say whether the command left us: OutcomeUnknown when it was written and then the
+connection dropped or the reply did not come (the script may well have run), StoreUnavailable
+when it was never sent (no connection, or Redis refused it unrun: LOADING, BUSY, MASTERDOWN).
 """
 
 from __future__ import annotations
@@ -22,10 +25,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from meter._errors import MeterError, StoreUnavailable
+from meter._errors import MeterError, OutcomeUnknown, StoreUnavailable
 from meter._scripts import ScriptRegistry
 
-__all__ = ["PipelinedRedisStore"]
+__all__ = ["PipelinedRedisStore", "refused_unrun"]
+
+# Error replies Redis gives before running a command: the script did not run, so it is an outage
+# (503 store_unavailable, retry later), not a script failure.
+_UNRUN_PREFIXES = ("LOADING", "BUSY", "MASTERDOWN")
+
+
+def refused_unrun(message: str) -> bool:
+    """True for an error reply that means Redis refused the command without running it."""
+    return message.startswith(_UNRUN_PREFIXES)
 
 
 def pack(*args: str | int | bytes) -> bytes:
@@ -64,12 +76,12 @@ class _Connection(asyncio.Protocol):
         self.silent_since = self.loop.time() if waiters else None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(StoreUnavailable(f"Redis connection lost: {exc or 'closed by server'}"))
+        self._fail(f"Redis connection lost: {exc or 'closed by server'}")
 
     # use
     def send(self, payload: bytes) -> asyncio.Future[Any]:
-        if self.broken is not None:
-            raise self.broken
+        if self.broken is not None:  # this command is not sent: nothing can have run
+            raise StoreUnavailable(str(self.broken))
         fut = self.loop.create_future()
         self.waiters.append((fut, self.loop.time()))
         self.out.append(payload)
@@ -83,7 +95,7 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-        self._fail(StoreUnavailable("connection closed"))
+        self._fail("connection closed")
 
     def _flush(self) -> None:
         self.flush_scheduled = False
@@ -103,17 +115,25 @@ class _Connection(asyncio.Protocol):
         if self.loop.time() - oldest >= self.timeout:
             if self.transport is not None:
                 self.transport.abort()
-            self._fail(StoreUnavailable(f"Redis did not answer within {self.timeout * 1000:.0f} ms"))
+            self._fail(f"Redis did not answer within {self.timeout * 1000:.0f} ms")
         else:
             self.watchdog = self.loop.call_at(oldest + self.timeout, self._check)
 
-    def _fail(self, exc: Exception) -> None:
+    def _fail(self, reason: str) -> None:
+        # The last len(self.out) waiters were never written (their flush had not run yet): they
+        # are StoreUnavailable; every earlier one was sent and may have run: OutcomeUnknown.
+        unsent = StoreUnavailable(f"{reason} (the command was not sent)")
+        sent = OutcomeUnknown(f"{reason} after the command was sent: it may have been applied; "
+                              "retry with the same request id")
         if self.broken is None:
-            self.broken = exc
+            self.broken = unsent
+        n_sent = len(self.waiters) - len(self.out)
+        self.out.clear()
         while self.waiters:
             fut, _ = self.waiters.popleft()
             if not fut.done():
-                fut.set_exception(exc)
+                fut.set_exception(sent if n_sent > 0 else unsent)
+            n_sent -= 1
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
@@ -125,7 +145,7 @@ class PipelinedRedisStore:
     `redis` is an ordinary redis-py client on the same server for everything off the hot path.
     """
 
-    def __init__(self, url: str, registry: ScriptRegistry | None = None, *, timeout_ms: int = 250,
+    def __init__(self, url: str, registry: ScriptRegistry | None = None, *, timeout_ms: int = 100,
                  connect_timeout_ms: int = 100, side_timeout_ms: int = 10_000,
                  max_connections: int = 16) -> None:
         self.url = url
@@ -156,11 +176,15 @@ class PipelinedRedisStore:
             conn = await self._connect()
         reply = await conn.send(payload)
         if isinstance(reply, hiredis.ReplyError):
+            if refused_unrun(str(reply)):
+                raise StoreUnavailable(f"Redis refused {op} unrun: {reply}")
             if not str(reply).startswith("NOSCRIPT"):
                 raise MeterError(f"script {op} failed: {reply}")
             await self._load_script(op)
             reply = await conn.send(payload)
             if isinstance(reply, hiredis.ReplyError):
+                if refused_unrun(str(reply)):
+                    raise StoreUnavailable(f"Redis refused {op} unrun: {reply}")
                 raise MeterError(f"script {op} failed after loading: {reply}")
         result: list[Any] = reply
         return result
@@ -216,7 +240,11 @@ class PipelinedRedisStore:
             setup.append(conn.send(pack(*auth)))
         if o.get("db"):
             setup.append(conn.send(pack("SELECT", o["db"])))
-        for reply in await asyncio.gather(*setup):
+        try:
+            replies = await asyncio.gather(*setup)
+        except StoreUnavailable as exc:  # lost during AUTH/SELECT: none of our scripts was sent
+            raise StoreUnavailable(f"cannot set up the Redis connection: {exc}") from exc
+        for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
                 conn.close()
                 raise StoreUnavailable(f"Redis refused the connection setup: {reply}")

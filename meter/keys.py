@@ -26,7 +26,7 @@ class AccountKeys(NamedTuple):
     hold_expiry: str  # zset: hold id scored by expiry
     sweep: str  # shard zset: account id scored by its earliest hold expiry
     journal: str  # shard stream of journal entries
-    idempotency: str  # string: fingerprint + stored reply, 24 h
+    idempotency: str  # string: fingerprint + stored reply, 24 h (see idempotency_key)
 
 
 def shard_of(account_id: str, shards: int = DEFAULT_SHARDS) -> int:
@@ -49,11 +49,6 @@ def live_key(shard: int, prefix: str = PREFIX) -> str:
     """Set of the shard's accounts verified against the ledger since Redis started (in Redis
     memory only, never in the AOF: see lua/_wallet.lua mark_live)."""
     return f"{shard_tag(shard, prefix)}:live"
-
-
-def idempotency_key(account_id: str, request_id: str, *, shards: int = DEFAULT_SHARDS, prefix: str = PREFIX) -> str:
-    """The stored answer of the call with this request id (today's encoding, as account_keys)."""
-    return f"{shard_tag(shard_of(account_id, shards), prefix)}:idem:{account_id}:{request_id}"
 
 
 def promo_failures_key(account_id: str, *, shards: int = DEFAULT_SHARDS, prefix: str = PREFIX) -> str:
@@ -90,6 +85,23 @@ def stream_slots_key(account_id: str, *, shards: int = DEFAULT_SHARDS, prefix: s
     return f"{shard_tag(shard_of(account_id, shards), prefix)}:sse:{account_id}"
 
 
+def idempotency_key(account_id: str, request_id: str, *, shards: int = DEFAULT_SHARDS, prefix: str = PREFIX) -> str:
+    """The key of one request's idempotency record: `<tag>:idem2:<len(account)>:<account>:<request id>`.
+
+    Both ids may contain ':', so the account id is length-prefixed: with plain
+    `idem:<account>:<request>` the account `col` with request `y28:req-1` and the account
+    `col:y28` with request `req-1` shared one record (a debit of one was replayed as the other's).
+    With an empty request id the result is the prefix every request id of the account extends
+    (the meter caches it and appends the request id on the hot path).
+
+    Upgrade: the old `idem:` records are not read; they expire by themselves within 24 h. A retry
+    that crosses the upgrade of a request first made before it is charged again (looking the old key
+    up too would cost a seventh script key and bring the ambiguity back for a day). The new word is
+    `idem2`, not `idem`, so no new key can ever equal an old one (old `idem:3:col:req` of account `3`).
+    """
+    return f"{shard_tag(shard_of(account_id, shards), prefix)}:idem2:{len(account_id)}:{account_id}:{request_id}"
+
+
 def account_keys(
     account_id: str, request_id: str = "", *, shards: int = DEFAULT_SHARDS, prefix: str = PREFIX
 ) -> AccountKeys:
@@ -101,7 +113,7 @@ def account_keys(
         hold_expiry=f"{tag}:hx:{account_id}",
         sweep=f"{tag}:sweep",
         journal=f"{tag}:journal",
-        idempotency=f"{tag}:idem:{account_id}:{request_id}",
+        idempotency=idempotency_key(account_id, request_id, shards=shards, prefix=prefix),
     )
 
 

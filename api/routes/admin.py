@@ -13,6 +13,7 @@ from sqlalchemy import or_, select
 
 from api.deps import mark_api_key_revoked, require_scope
 from api.errors import error_body, field_names
+from api.fields import StrictInt
 from api.routes.plans import change_plan
 from api.security import Principal, hash_api_key, new_api_key
 from api.state import AppState, app_state
@@ -71,7 +72,7 @@ async def revoke_key(key_id: Annotated[str, Path(pattern=r"^[0-9a-f]{1,32}$")], 
 
 
 class GrantIn(BaseModel):
-    tokens: int = Field(gt=0, examples=[5000])
+    tokens: StrictInt = Field(gt=0, examples=[5000])
     bucket: str = Field(default="bonus", pattern="^(bonus|premium)$")
     kind: str = Field(default="grant", examples=["grant"])
     reason: str = Field(min_length=1, max_length=300, examples=["support: outage credit"])
@@ -89,7 +90,7 @@ async def grant(account_id: str, body: GrantIn, who: Principal = Depends(admin),
 
 
 class AdjustIn(BaseModel):
-    tokens: int = Field(gt=0, examples=[1000])
+    tokens: StrictInt = Field(gt=0, examples=[1000])
     bucket: str = Field(default="any", pattern="^(bonus|premium|any)$")
     reason: str = Field(min_length=1, max_length=300)
 
@@ -105,7 +106,7 @@ async def adjust(account_id: str, body: AdjustIn, who: Principal = Depends(admin
 
 
 class RefundIn(BaseModel):
-    tokens: int = Field(gt=0, examples=[3500])
+    tokens: StrictInt = Field(gt=0, examples=[3500])
     reason: str = Field(min_length=1, max_length=300, examples=["agent run failed"])
 
 
@@ -146,10 +147,11 @@ async def list_accounts(q: str | None = None, limit: int = 50, _: Principal = De
 
 class PromoIn(BaseModel):
     code: str = Field(min_length=3, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", examples=["DIWALI25"])
-    bonus_tokens: int = Field(gt=0, lt=2**53, examples=[25_000])
+    bonus_tokens: StrictInt = Field(gt=0, lt=2**53, examples=[25_000])
     starts_at: datetime | None = None
     ends_at: datetime | None = None
-    max_redemptions: int | None = Field(default=None, gt=0, lt=2**53, description="global cap; none = unlimited")
+    max_redemptions: StrictInt | None = Field(default=None, gt=0, lt=2**53,
+                                              description="global cap; none = unlimited")
     plan: str | None = Field(default=None, max_length=32, description="only accounts on this plan")
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from api.deps import authorize, service_with_scope
 from api.errors import error_body, field_names
+from api.fields import StrictInt
 from api.metering import decision_response, metered_headers, observe
 from api.state import AppState
 from meter import Decision
@@ -55,18 +56,18 @@ def _parse(model: type[M], raw: bytes) -> M:
 
 class DebitIn(BaseModel):
     account_id: AccountId
-    tokens: int = Field(gt=0, examples=[2000], description="at most the plan's per-request maximum (8,192)")
+    tokens: StrictInt = Field(gt=0, examples=[2000], description="at most the plan's per-request maximum (8,192)")
     agent: str | None = Field(default=None, max_length=64, examples=["code"])
     model: str | None = Field(default=None, max_length=64, examples=["sonnet"])
-    input_tokens: int | None = Field(default=None, ge=0)
-    output_tokens: int | None = Field(default=None, ge=0)
+    input_tokens: StrictInt | None = Field(default=None, ge=0)
+    output_tokens: StrictInt | None = Field(default=None, ge=0)
     project_id: str | None = Field(default=None, max_length=128)
 
 
 class ReserveIn(BaseModel):
     account_id: AccountId
-    tokens: int = Field(gt=0, examples=[5000])
-    ttl_ms: int | None = Field(default=None, gt=0, le=86_400_000, description="hold lifetime")
+    tokens: StrictInt = Field(gt=0, examples=[5000])
+    ttl_ms: StrictInt | None = Field(default=None, gt=0, le=86_400_000, description="hold lifetime")
     agent: str | None = Field(default=None, max_length=64)
     model: str | None = Field(default=None, max_length=64)
     project_id: str | None = Field(default=None, max_length=128)
@@ -75,11 +76,11 @@ class ReserveIn(BaseModel):
 class SettleIn(BaseModel):
     account_id: AccountId
     hold_id: str = Field(max_length=20, examples=["17"])
-    actual_tokens: int = Field(ge=0, examples=[4210])
+    actual_tokens: StrictInt = Field(ge=0, examples=[4210])
     agent: str | None = Field(default=None, max_length=64)
     model: str | None = Field(default=None, max_length=64)
-    input_tokens: int | None = Field(default=None, ge=0)
-    output_tokens: int | None = Field(default=None, ge=0)
+    input_tokens: StrictInt | None = Field(default=None, ge=0)
+    output_tokens: StrictInt | None = Field(default=None, ge=0)
     project_id: str | None = Field(default=None, max_length=128)
 
 

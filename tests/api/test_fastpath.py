@@ -80,6 +80,9 @@ async def test_fast_path_answers_as_the_route(api: Api, route_only: httpx.AsyncC
             ("Authorization", ""), ("Authorization", svc["Authorization"])]}),
         ("over 16 KiB", lambda a: {"content": b'{"account_id": "%s", "tokens": 1' % a.encode()
                                    + b" " * MAX_BODY_BYTES + b"}", "headers": svc}),
+        *((f"tokens {raw}", lambda a, raw=raw: {  # strict integers: no coercion, as the route
+            "content": b'{"account_id": "%s", "tokens": %s}' % (a.encode(), raw.encode()), "headers": svc})
+          for raw in ("true", '"1"', '" 5 "', "1.0", "1e3", "null")),
         ("drain", lambda a: {"json": {"account_id": a, "tokens": 8_000}, "headers": svc}),
         ("insufficient", lambda a: {"json": {"account_id": a, "tokens": 8_000}, "headers": svc}),
     ]
@@ -89,8 +92,8 @@ async def test_fast_path_answers_as_the_route(api: Api, route_only: httpx.AsyncC
         assert fast == slow, name
         statuses.append(fast[0])
     # the cases did reach every answer the endpoint has (else the comparison proves little)
-    assert statuses == [200, 200, 200, 409, 200, 401, 401, 403, 422, 422, 422, 422, 422, 422, 404, 401, 413, 200,
-                        402]
+    assert statuses == [200, 200, 200, 409, 200, 401, 401, 403, 422, 422, 422, 422, 422, 422, 404, 401, 413,
+                        *[422] * 6, 200, 402]
 
 
 async def test_fast_path_serves_the_debit_without_the_app(api: Api) -> None:
