@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from meter import (
     IdempotencyConflict,
     InvalidInput,
+    LedgerUnavailable,
     MeterError,
     OutcomeUnknown,
     StoreUnavailable,
@@ -115,6 +116,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(status_code=503, headers={"Retry-After": "1"},
                             content=error_body("outcome_unknown", f"{OUTCOME_UNKNOWN_ADVICE} ({exc})"))
 
+    @app.exception_handler(LedgerUnavailable)
+    async def ledger_unavailable(_: Request, exc: LedgerUnavailable) -> JSONResponse:
+        return JSONResponse(status_code=503, headers={"Retry-After": "1"},
+                            content=error_body("ledger_unavailable", str(exc)))
+
     @app.exception_handler(MeterError)
     async def meter_error(_: Request, exc: MeterError) -> JSONResponse:
         return JSONResponse(status_code=503, headers={"Retry-After": "1"},
@@ -128,3 +134,10 @@ def install_error_handlers(app: FastAPI) -> None:
             body = error_body({404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error"),
                               str(exc.detail))
         return JSONResponse(status_code=exc.status_code, content=body, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not an input: Starlette's ServerErrorMiddleware logs the traceback and re-raises
+        # after this answer; the client still gets the JSON shape, never a plain-text 500.
+        return JSONResponse(status_code=500, content=error_body("internal_error", "an unexpected error; it was "
+                                                                "logged and nothing is known to have changed"))

@@ -34,6 +34,7 @@ from meter import (
     Decision,
     IdempotencyConflict,
     InvalidInput,
+    LedgerUnavailable,
     Meter,
     MeterError,
     OutcomeUnknown,
@@ -170,6 +171,9 @@ class TokenMeterMiddleware:
         except IdempotencyConflict as exc:
             await _json(send, 409, error_body("idempotency_conflict", str(exc), idempotency_key=exc.request_id),
                         [], start)
+            return
+        except LedgerUnavailable as exc:
+            await _json(send, 503, error_body("ledger_unavailable", str(exc)), [_RETRY_SOON], start)
             return
         except MeterError as exc:
             # An unexpected store reply: we cannot tell what was charged, so fail closed (never

@@ -6,6 +6,7 @@ __all__ = [
     "CatalogError",
     "IdempotencyConflict",
     "InvalidInput",
+    "LedgerUnavailable",
     "MeterError",
     "OutcomeUnknown",
     "StoreUnavailable",
@@ -61,6 +62,12 @@ class OutcomeUnknown(StoreUnavailable):
     """The command was sent, then the connection dropped or Redis did not answer in time: it may
     well have run (it usually did). Retry with the same request id: the retry is replayed if the
     first one ran, charged once if it did not. A call without a request id is not retry-safe."""
+
+
+class LedgerUnavailable(MeterError):
+    """The account had to be read from the ledger (missing from Redis, or not yet checked against
+    the ledger since Redis restarted) and the ledger could not be read: nothing was changed.
+    Retry later; accounts already checked keep working while the database is down."""
 
 
 class CatalogError(MeterError, ValueError):

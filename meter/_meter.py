@@ -13,7 +13,14 @@ from typing import Any, Protocol
 from meter import keys as keyspace
 from meter._catalog import Catalog, default_catalog
 from meter._clock import Clock, SystemClock, month_end_ms, month_index
-from meter._errors import IdempotencyConflict, InvalidInput, MeterError, UnknownAccount, UnknownHold
+from meter._errors import (
+    IdempotencyConflict,
+    InvalidInput,
+    LedgerUnavailable,
+    MeterError,
+    UnknownAccount,
+    UnknownHold,
+)
 from meter._types import Balance, Decision, Receipt
 from meter._validate import (
     MAX_HOLD_TTL_MS,
@@ -171,7 +178,13 @@ class Meter:
     async def _load(self, account_id: str) -> str:
         """The load script's answer: ok (loaded), replaced (Redis was behind), exists (kept), no_account."""
         assert self.loader is not None
-        snapshot = await self.loader(account_id) or {}
+        try:
+            snapshot = await self.loader(account_id) or {}
+        except MeterError:
+            raise
+        except Exception as exc:  # the loader reads the database: a fault there leaves Redis untouched
+            raise LedgerUnavailable(f"account {account_id!r} must be read from the ledger, which could not be "
+                                    f"read ({type(exc).__name__}); nothing was changed") from exc
         keys = list(self._keys(account_id, ""))
         fields: list[str | int] = []
         for name, value in snapshot.items():
