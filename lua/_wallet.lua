@@ -4,8 +4,9 @@
 -- KEYS (every account script, same order; all carry the shard's hash tag, so one slot):
 --   1 account hash   2 holds hash   3 hold-expiry zset   4 shard sweep zset
 --   5 shard journal stream          6 idempotency key (request id; unused when ARGV[5] == '')
---   7 (optional) the shard's set of accounts verified against the ledger since this Redis
---     process started ('live', kept in memory only: see mark_live). Given when the meter can
+--   7 (optional) the name of the shard's set of accounts verified against the ledger since this
+--     Redis process started (the set itself is that name + ":" + run_id: see live_set). Given
+--     when the meter can
 --     rehydrate; an account not in it answers {'verify'} and is checked before any write, so
 --     a Redis that came back behind the ledger never reuses a transaction id.
 -- ARGV (common prefix): 1 account id, 2 now_ms, 3 month index, 4 day index,
@@ -65,18 +66,34 @@ local function touch(a, f1, f2, f3, f4, f5, f6)
   if f6 then d[f6] = true end
 end
 
--- True when the meter can rehydrate and this account was not verified against the ledger
--- since Redis started (the caller answers {'verify'}; the meter loads, then retries).
-local function unverified()
-  return K_LIVE ~= nil and redis.call('SISMEMBER', K_LIVE, ACCOUNT) == 0
+-- The verified set of this Redis *process*: K_LIVE with the server's run_id appended. The set
+-- is an ordinary key, so an RDB file, a rewritten AOF or a replica's full sync does carry it
+-- (REPL_NONE only keeps the SADDs out of the AOF and the replication stream); a restarted server
+-- or a promoted replica has another run_id and so never reads a restored copy: every account is
+-- checked again. (fakeredis has no INFO: '' there, whose data dies with the process anyway.)
+-- Same hash tag as K_LIVE, so the same slot.
+local LIVE_SET = nil
+local function live_set()
+  if LIVE_SET == nil then
+    local info = redis.pcall('INFO', 'server')
+    LIVE_SET = K_LIVE .. ':' .. (type(info) == 'string' and string.match(info, 'run_id:(%x+)') or '')
+  end
+  return LIVE_SET
 end
 
--- Mark the account verified. Not written to the AOF nor to replicas (REPL_NONE): a restarted
--- Redis, or a promoted replica, starts with an empty set, so every account is checked again.
+-- True when the meter can rehydrate and this account was not verified against the ledger
+-- since this Redis process started (the caller answers {'verify'}; the meter loads, then retries).
+local function unverified()
+  return K_LIVE ~= nil and redis.call('SISMEMBER', live_set(), ACCOUNT) == 0
+end
+
+-- Mark the account verified. Out of the AOF and the replication stream (REPL_NONE): the set
+-- means something only to the process that wrote it. It expires a month after it was made
+-- (then accounts are simply checked again), so sets of earlier processes do not pile up.
 local function mark_live()
   if K_LIVE == nil then return end
   if redis.set_repl then redis.set_repl(redis.REPL_NONE) end
-  redis.call('SADD', K_LIVE, ACCOUNT)
+  if redis.call('SADD', live_set(), ACCOUNT) == 1 then redis.call('EXPIRE', live_set(), 2592000, 'NX') end
   if redis.set_repl then redis.set_repl(redis.REPL_ALL) end
 end
 

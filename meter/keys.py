@@ -46,8 +46,9 @@ def sweep_key(shard: int, prefix: str = PREFIX) -> str:
 
 
 def live_key(shard: int, prefix: str = PREFIX) -> str:
-    """Set of the shard's accounts verified against the ledger since Redis started (in Redis
-    memory only, never in the AOF: see lua/_wallet.lua mark_live)."""
+    """Name of the shard's set of accounts verified against the ledger since Redis started. The
+    scripts append ':' + the server's run_id (lua/_wallet.lua live_set), so a copy restored from
+    an RDB file, a rewritten AOF or a replica's sync is never read by another server process."""
     return f"{shard_tag(shard, prefix)}:live"
 
 

@@ -114,3 +114,11 @@ async def ledger_rows(database: Any, account_id: str) -> list[Any]:
 
 async def dead_letters(meter: Meter) -> int:
     return int(await meter.store.redis.xlen(dead_letter_key(meter.prefix)))  # type: ignore[attr-defined]
+
+
+async def forget_verified(redis: Any, live: str) -> None:
+    """As a Redis restart does: no account of the shard counts as verified any more (the set the
+    scripts use is `live` + ':' + the server's run_id)."""
+    found = [k async for k in redis.scan_iter(match=f"{live}*")]
+    if found:
+        await redis.delete(*found)

@@ -15,6 +15,7 @@ from meter import LedgerUnavailable
 from meter import keys as keyspace
 from tests.api.conftest import Api, make_settings, running_app
 from tests.conftest import MeterFactory
+from tests.reliability._redis_loss import forget_verified
 
 pytestmark = [pytest.mark.redis]
 
@@ -65,7 +66,7 @@ async def _over_http(api: Api) -> None:
     assert r.status_code == 201, r.text
     # As after a Redis restart: the shard's set of checked accounts is empty again.
     shard = keyspace.shard_of("gw-1", state.rt.settings.shards)
-    await state.rt.redis.delete(keyspace.live_key(shard, state.rt.settings.key_prefix))
+    await forget_verified(state.rt.redis, keyspace.live_key(shard, state.rt.settings.key_prefix))
     loader, state.rt.meter.loader = state.rt.meter.loader, _down
     try:
         for path, body in (("/api/v1/meter/debit", {"account_id": "gw-1", "tokens": 10}),

@@ -11,6 +11,7 @@ import pytest
 from meter import FakeClock, Meter, ReferenceStore
 from meter import keys as keyspace
 from tests.conftest import LUA_BACKENDS, MeterFactory, journal_of
+from tests.reliability._redis_loss import forget_verified
 
 
 class Ledger:
@@ -40,7 +41,8 @@ async def _redis_restarts_behind(meter: Meter, account_id: str, older: dict[str,
         meter.store.idempotency.pop(lost_idem)
         return
     redis = meter.store.redis  # type: ignore[attr-defined]
-    await redis.delete(live, k.account, lost_idem)
+    await forget_verified(redis, live)
+    await redis.delete(k.account, lost_idem)
     await redis.hset(k.account, mapping=older)
 
 
