@@ -53,6 +53,7 @@ from api.payments import (
 )
 from api.plan_billing import period_label
 from api.state import AppState, app_state
+from persistence.journaled import journaled_change
 from persistence.models import PaymentEvent, TokenPurchase, utcnow
 
 router = APIRouter(tags=["purchases"])
@@ -341,16 +342,22 @@ async def _paid(state: AppState, provider: PaymentProvider, session: Any, row: T
         row.status = "paid"
         return 200, _result(row, event, "plan_applied", credited_tokens=0, **applied)
     pack = state.rt.catalog.packs.get(row.package_id)
-    receipt = await state.rt.meter.credit(
-        row.account_id, row.tokens, bucket="premium", kind="purchase",
-        note=f"Purchase: {pack.name if pack else row.package_id} ({row.tokens} tokens)",
-        reference=row.id, request_id=f"purchase:{row.id}")
+    request_id = f"purchase:{row.id}"
+    earlier = await journaled_change(session, row.account_id, request_id)
+    if earlier is not None:  # credited by a delivery whose commit failed: record it, never again
+        transaction_id, remaining = earlier, (await state.rt.meter.balance(row.account_id)).remaining_tokens
+    else:
+        receipt = await state.rt.meter.credit(
+            row.account_id, row.tokens, bucket="premium", kind="purchase",
+            note=f"Purchase: {pack.name if pack else row.package_id} ({row.tokens} tokens)",
+            reference=row.id, request_id=request_id)
+        transaction_id, remaining = receipt.transaction_id, receipt.remaining
     await session.execute(update(TokenPurchase).where(TokenPurchase.id == row.id).values(
-        credit_transaction_id=receipt.transaction_id))
+        credit_transaction_id=transaction_id))
     record.tokens = row.tokens
     row.status = "paid"
-    return 200, _result(row, event, "credited", credited_tokens=row.tokens, transaction_id=receipt.transaction_id,
-                        remaining_tokens=receipt.remaining)
+    return 200, _result(row, event, "credited", credited_tokens=row.tokens, transaction_id=transaction_id,
+                        remaining_tokens=remaining)
 
 
 async def _failed(session: Any, row: TokenPurchase, record: PaymentEvent, event: WebhookEvent

@@ -27,6 +27,7 @@ from api.metering import metered_headers
 from api.state import AppState, app_state
 from meter import StoreUnavailable
 from meter import keys as keyspace
+from persistence.journaled import journaled_change
 from persistence.models import PromoCode, PromoRedemption, TokenTransaction
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
@@ -194,8 +195,8 @@ async def _redeem(state: AppState, account_id: str, code: str) -> dict[str, Any]
     a row exists only for a credited redemption. A second attempt finds the row (or, racing, hits
     its unique constraint) and answers the stored result with 409, never crediting: no TTL (the
     credit's idempotency key, 24 h) is needed for it. If Redis fails the credit, everything rolls
-    back and a retry starts over; if the commit fails after the credit, the retry's credit is a
-    replay by request id (`promo:<code>`) while that key lives."""
+    back and a retry starts over; if the commit fails after the credit, the retry finds the credit
+    in the ledger (persistence.journaled), or, before it is flushed, replays it by request id."""
     rt = state.rt
     now = datetime.now(UTC)
     async with rt.db.sessions() as session, session.begin():
@@ -227,11 +228,17 @@ async def _redeem(state: AppState, account_id: str, code: str) -> dict[str, Any]
         if taken.rowcount != 1:  # type: ignore[attr-defined]
             raise HTTPException(410, detail=error_body("code_exhausted", f"promo code {code!r} is used up",
                                                        field="promo_code"))
-        receipt = await rt.meter.credit(account_id, promo.bonus_tokens, bucket="bonus", kind="bonus",
-                                        note=f"Promo code: {code}", reference=code, request_id=f"promo:{code}")
-        row.transaction_id = receipt.transaction_id
+        request_id = f"promo:{code}"
+        earlier = await journaled_change(session, account_id, request_id)
+        if earlier is not None:  # credited by an attempt whose commit failed: record it, never again
+            row.transaction_id = earlier
+            remaining = (await rt.meter.balance(account_id)).remaining_tokens
+        else:
+            receipt = await rt.meter.credit(account_id, promo.bonus_tokens, bucket="bonus", kind="bonus",
+                                            note=f"Promo code: {code}", reference=code, request_id=request_id)
+            row.transaction_id, remaining = receipt.transaction_id, receipt.remaining
     return {"message": "Promo code redeemed successfully!", "bonus_tokens": row.bonus_tokens,
-            "new_balance": receipt.remaining, "transaction_id": receipt.transaction_id}
+            "new_balance": remaining, "transaction_id": row.transaction_id}
 
 
 def _already(code: str, done: PromoRedemption) -> HTTPException:

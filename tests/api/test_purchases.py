@@ -479,3 +479,40 @@ async def test_a_redis_outage_mid_credit_is_completed_by_the_redelivery(rzp: Api
     assert len(purchases) == 1
     assert (await purchase_row(rzp, order["purchase_id"])).credit_transaction_id == purchases[0]["transaction_id"]
     assert (await deliver(rzp, body, event_id="evt_out")).status_code == 409
+
+
+async def test_a_credit_whose_commit_failed_is_recorded_by_a_redelivery_a_day_later(rzp: Api,
+                                                                                     monkeypatch: pytest.MonkeyPatch
+                                                                                     ) -> None:
+    """The credit ran, the commit after it failed; the provider redelivers after the credit's
+    idempotency key expired (24 h): the ledger has the credit, so it is recorded, not made again."""
+    from meter import StoreUnavailable
+    from meter import keys as keyspace
+
+    account, auth = await quick_user(rzp)
+    meter = rzp.state.rt.meter
+    real_credit = meter.credit
+    calls = 0
+
+    async def applied_then_commit_fails(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        await real_credit(*args, **kwargs)
+        raise StoreUnavailable("the commit after the credit failed (test)")
+
+    monkeypatch.setattr(meter, "credit", applied_then_commit_fails)
+    order = await buy(rzp, auth)
+    body = rzp_body("payment.captured", order["order_id"], "pay_late")
+    assert (await deliver(rzp, body, event_id="evt_late")).status_code == 503
+    monkeypatch.setattr(meter, "credit", real_credit)
+    assert await premium(rzp, account) == STARTER_TOKENS
+    await rzp.flush()
+    s = rzp.state.rt.settings
+    pattern = keyspace.account_keys(account, shards=s.shards, prefix=s.key_prefix).idempotency + "*"
+    await rzp.state.rt.redis.delete(*[k async for k in rzp.state.rt.redis.scan_iter(match=pattern)])
+    done = await deliver(rzp, body, event_id="evt_late")
+    assert done.status_code == 200 and done.json()["outcome"] == "credited", done.text
+    assert calls == 1 and await premium(rzp, account) == STARTER_TOKENS  # credited once
+    purchases = await history(rzp, auth, "purchase", 1)
+    assert len(purchases) == 1 and done.json()["transaction_id"] == purchases[0]["transaction_id"]
+    assert (await purchase_row(rzp, order["purchase_id"])).credit_transaction_id == purchases[0]["transaction_id"]

@@ -121,3 +121,34 @@ async def test_public_codes_are_capped_by_the_setting(tmp_path: Any) -> None:
 async def test_the_default_cap_is_ten_thousand(tmp_path: Any) -> None:
     async with running_app(make_settings(tmp_path)) as api, api.state.rt.db.sessions() as session:
         assert (await session.get(PromoCode, "WELCOME2024")).max_redemptions == 10_000  # type: ignore[union-attr]
+
+
+async def test_a_credit_whose_commit_failed_is_recorded_by_the_retry_never_made_again(dbapi: Api) -> None:
+    """The credit ran, then the redemption's commit failed (the database went away): the row is
+    gone, the credit stands and reaches the ledger. A retry after the idempotency key expired
+    finds the credit in the ledger and records it; it does not credit again."""
+    account, auth = await quick_user(dbapi)
+    code = await create_code(dbapi, 30_000)
+    meter = dbapi.state.rt.meter
+    real_credit = meter.credit
+
+    async def credit_then_commit_fails(*args: Any, **kwargs: Any) -> Any:
+        await real_credit(*args, **kwargs)
+        raise StoreUnavailable("the commit after the credit failed (test)")  # the transaction rolls back
+
+    meter.credit = credit_then_commit_fails
+    try:
+        failed = await dbapi.client.post(REDEEM, json={"promo_code": code}, headers=auth)
+    finally:
+        meter.credit = real_credit
+    assert failed.status_code == 503, failed.text
+    assert (await meter.balance(account)).bonus_tokens == 30_000  # the credit stands
+    await dbapi.flush()  # into the ledger
+    assert await forget_idempotency(dbapi, account) >= 1  # 24 h later
+    retry = await dbapi.client.post(REDEEM, json={"promo_code": code}, headers=auth)
+    assert retry.status_code == 200, retry.text
+    assert (await meter.balance(account)).bonus_tokens == 30_000  # not credited twice
+    again = await dbapi.client.post(REDEEM, json={"promo_code": code}, headers=auth)
+    assert again.status_code == 409 and again.json()["transaction_id"] == retry.json()["transaction_id"]
+    async with dbapi.state.rt.db.sessions() as session:
+        assert (await session.get(PromoCode, code)).redemptions == 1  # type: ignore[union-attr]
