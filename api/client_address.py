@@ -13,6 +13,20 @@ __all__ = ["ClientAddresses", "limit_subject"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def _hop_address(hop: str) -> str | None:
+    """The address of one X-Forwarded-For hop: `a.b.c.d`, `a.b.c.d:port`, `[v6]`, `[v6]:port` or
+    a bare IPv6 address (some proxies append the port); None when it is none of these."""
+    if hop.startswith("["):
+        end = hop.find("]")
+        hop = hop[1:end] if end > 0 else hop
+    elif hop.count(":") == 1:  # IPv4 with a port (a bare IPv6 address has several colons)
+        hop = hop.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
+
+
 def _networks(spec: str) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
 
@@ -38,10 +52,9 @@ class ClientAddresses:
         # not one of ours is the client. Anything unparsable stops the walk at the last good hop.
         client = peer
         for header in reversed(request.headers.getlist("x-forwarded-for")):
-            for hop in reversed([h.strip() for h in header.split(",")]):
-                try:
-                    ipaddress.ip_address(hop)
-                except ValueError:
+            for raw in reversed([h.strip() for h in header.split(",")]):
+                hop = _hop_address(raw)
+                if hop is None:
                     return client
                 client = hop
                 if not self._is_trusted(hop):

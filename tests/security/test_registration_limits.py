@@ -115,3 +115,21 @@ async def test_one_email_is_one_account_however_spelled(make_app: AppFactory) ->
         login = await api.client.post("/api/v1/auth/login",
                                       json={"email": f"{wide('ASHA')}.{tag}@example.com.", "password": PASSWORD})
         assert login.status_code == 200 and login.json()["user_id"] == r.json()["user_id"]
+
+
+def test_forwarded_hops_with_ports_name_the_client() -> None:
+    """Proxies that append the port (`a.b.c.d:port`, `[v6]:port`) still name the client; before,
+    the walk stopped at our proxy and every client behind it shared one count."""
+    from starlette.requests import Request
+
+    from api.client_address import ClientAddresses
+
+    def request(xff: str) -> Request:
+        return Request({"type": "http", "client": ("10.0.0.5", 1234), "headers": [(b"x-forwarded-for", xff.encode())]})
+
+    addresses = ClientAddresses("10.0.0.0/8")
+    assert addresses.of(request("198.51.100.7:5555, 10.0.0.7:80")) == "198.51.100.7"
+    assert addresses.of(request("[2001:db8::1]:443")) == "2001:db8::1"
+    assert addresses.of(request("2001:db8::2")) == "2001:db8::2"
+    assert addresses.of(request("not-an-address, 198.51.100.8")) == "198.51.100.8"
+    assert ClientAddresses("").of(request("198.51.100.9")) == "10.0.0.5"  # no trusted proxy: the peer
