@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def normalize_url(url: str) -> str:
 # transaction rollback (40001 serialization, 40P01 deadlock).
 _TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P01", "57P02", "57P03", "40001", "40P01")
 # Faults no wait cures: authentication (28), database does not exist (3D000).
-_CONFIG_SQLSTATE_PREFIXES = ("28", "3D000")
+_CONFIG_SQLSTATE_PREFIXES = ("28", "3D000", "42P01", "42703")  # + the schema not migrated (no table/column)
+_SQLITE_CONFIG_MESSAGES = ("no such table", "no such column", "unable to open database file",
+                           "file is not a database")
 
 
 class DatabaseMisconfigured(Exception):
@@ -67,6 +70,9 @@ def is_configuration_error(exc: BaseException) -> bool:
             return True
         if _sqlstate(e).startswith(_CONFIG_SQLSTATE_PREFIXES):
             return True
+        # SQLite says it in words (an OperationalError like "database is locked", which passes)
+        if isinstance(e, sqlite3.Error) and str(e).startswith(_SQLITE_CONFIG_MESSAGES):
+            return True
     return False
 
 
@@ -80,8 +86,8 @@ def is_transient(exc: BaseException) -> bool:
     for e in _chain(exc):
         if isinstance(e, OSError | TimeoutError | ConnectionError):
             return True
-        if isinstance(e, saexc.OperationalError | saexc.InterfaceError):
-            return True
+        if isinstance(e, saexc.OperationalError | saexc.InterfaceError | sqlite3.OperationalError):
+            return True  # (what configures nothing: the configuration errors were ruled out above)
         if isinstance(e, saexc.DBAPIError) and e.connection_invalidated:
             return True
         if _sqlstate(e).startswith(_TRANSIENT_SQLSTATE_PREFIXES):
@@ -91,6 +97,8 @@ def is_transient(exc: BaseException) -> bool:
                 and type(e).__module__.startswith("asyncpg"):
             return "closed" in str(e) or "does not exist" in str(e) or "connection" in str(e).lower()
     return False
+
+
 def _create_private(path: str | None) -> None:
     """Create the SQLite file readable by its owner only (0600) before SQLite opens it: it holds
     password hashes and every user's history. SQLite gives its -wal and -shm files the same mode."""

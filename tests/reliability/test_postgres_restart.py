@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ def _wrapped(orig: BaseException) -> saexc.DBAPIError:
     ConnectionResetError(104, "reset by peer"),
     saexc.OperationalError("SELECT 1", None, Exception("server closed the connection")),
     saexc.InterfaceError("SELECT 1", None, Exception("connection is closed")),
+    sqlite3.OperationalError("database is locked"),
 ])
 def test_transient_database_faults_are_recognised(exc: BaseException) -> None:
     assert is_transient(exc)
@@ -62,6 +64,9 @@ def test_transient_database_faults_are_recognised(exc: BaseException) -> None:
     asyncpg.InvalidAuthorizationSpecificationError("role does not exist"),
     asyncpg.InvalidCatalogNameError('database "nope" does not exist'),
     saexc.ArgumentError("Could not parse SQLAlchemy URL"),
+    asyncpg.UndefinedTableError('relation "token_transactions" does not exist'),  # never migrated
+    sqlite3.OperationalError("no such table: token_transactions"),
+    sqlite3.OperationalError("unable to open database file"),
 ])
 def test_configuration_errors_are_not_waited_out(exc: BaseException) -> None:
     assert is_configuration_error(exc) and is_configuration_error(_wrapped(exc))
