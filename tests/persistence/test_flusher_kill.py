@@ -40,9 +40,12 @@ async def test_flusher_killed_every_2s_loses_and_duplicates_nothing(make_meter: 
     db = Database(pg_database)
     async with db.engine.begin() as conn:
         await conn.execute(text("TRUNCATE token_transactions, token_balances"))
+    # The default settings (batch, claim time, consumer name): a restarted flusher takes the same
+    # stable name and re-reads its predecessor's pending entries at once, with no claim needed.
     env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:6379/0", "DATABASE_URL": pg_database,
-           "TOKENMETER_KEY_PREFIX": meter.prefix, "TOKENMETER_FLUSHER_CLAIM_IDLE_MS": "300",
-           "TOKENMETER_FLUSHER_BATCH": "1000"}
+           "TOKENMETER_KEY_PREFIX": meter.prefix}
+    for name in ("TOKENMETER_FLUSHER_CLAIM_IDLE_MS", "TOKENMETER_FLUSHER_BATCH", "TOKENMETER_FLUSHER_CONSUMER"):
+        env.pop(name, None)
     accounts = [f"user-{i}" for i in range(ACCOUNTS)]
     for a in accounts:
         await meter.open_account(a, plan="pro")
