@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from meter._http import NOSNIFF, NO_STORE, PRIVATE_HEADERS  # defined with the JSON sender that sends them
+from meter._http import NO_STORE, NOSNIFF, PRIVATE_HEADERS  # defined with the JSON sender that sends them
 
 __all__ = ["NOSNIFF", "NO_STORE", "PRIVATE_HEADERS", "PUBLIC_PATHS", "PrivateHeaders"]
 

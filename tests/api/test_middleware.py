@@ -241,7 +241,8 @@ async def test_bad_account_id_is_422_and_unknown_account_is_404(backend: str, ma
     assert bad.status_code == 422 and bad.json()["field"] == "account_id"
     assert unknown.status_code == 404
     assert unknown.json() == {"error": "unknown_account", "message": "unknown account 'ghost'", "account_id": "ghost"}
-    assert bad_key.status_code == 422 and bad_key.json()["field"] == "request_id"
+    # the header the caller sent, as the HTTP API names it (it said the meter's "request_id")
+    assert bad_key.status_code == 422 and bad_key.json()["field"] == "Idempotency-Key"
     assert inner.http_calls == 0
 
 
