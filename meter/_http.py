@@ -17,17 +17,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
+from meter import _errors as errors
 from meter._clock import DAY_MS
-from meter._errors import (
-    IdempotencyConflict,
-    InvalidInput,
-    LedgerUnavailable,
-    MeterError,
-    OutcomeUnknown,
-    StoreUnavailable,
-    UnknownAccount,
-    UnknownHold,
-)
 from meter._types import Decision
 
 __all__ = [
@@ -84,27 +75,27 @@ def field_names(**names: str) -> Iterator[None]:
     (e.g. the meter's request_id is the Idempotency-Key header)."""
     try:
         yield
-    except InvalidInput as exc:
+    except errors.InvalidInput as exc:
         if exc.field in names:
-            raise InvalidInput(names[exc.field], exc.message) from exc
+            raise errors.InvalidInput(names[exc.field], exc.message) from exc
         raise
 
 
-def error_parts(exc: MeterError) -> tuple[int, dict[str, Any], list[Header]]:
+def error_parts(exc: errors.MeterError) -> tuple[int, dict[str, Any], list[Header]]:
     """(status, body, headers) of a meter fault: 422, 404, 409, or 503 with Retry-After."""
-    if isinstance(exc, InvalidInput):
+    if isinstance(exc, errors.InvalidInput):
         return 422, error_body("invalid_input", f"{exc.field}: {exc.message}", field=exc.field), []
-    if isinstance(exc, UnknownAccount):
+    if isinstance(exc, errors.UnknownAccount):
         return 404, error_body("unknown_account", str(exc), account_id=exc.account_id), []
-    if isinstance(exc, UnknownHold):
+    if isinstance(exc, errors.UnknownHold):
         return 404, error_body("unknown_hold", str(exc), hold_id=exc.hold_id), []
-    if isinstance(exc, IdempotencyConflict):
+    if isinstance(exc, errors.IdempotencyConflict):
         return 409, error_body("idempotency_conflict", str(exc), idempotency_key=exc.request_id), []
-    if isinstance(exc, OutcomeUnknown):  # sent, answer lost: maybe charged; retry with the same key
+    if isinstance(exc, errors.OutcomeUnknown):  # sent, answer lost: maybe charged; retry with the same key
         body = error_body("outcome_unknown", f"{OUTCOME_UNKNOWN_ADVICE} ({exc})")
-    elif isinstance(exc, StoreUnavailable):
+    elif isinstance(exc, errors.StoreUnavailable):
         body = error_body("store_unavailable", f"token store unavailable: {exc}")
-    elif isinstance(exc, LedgerUnavailable):
+    elif isinstance(exc, errors.LedgerUnavailable):
         body = error_body("ledger_unavailable", str(exc))
     else:
         # An unexpected store reply: we cannot tell what was charged, so fail closed.
