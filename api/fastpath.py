@@ -3,8 +3,9 @@ routing, request objects, dependency solving and response classes.
 
 Mounted by `create_app` as the app's outermost middleware. It runs the very same code as the
 FastAPI route (`api.routes.meter.debit_decision`: key and scope, body validation, one meter
-call) and sends the same status, body and headers; every error is rendered by the app's own
-exception handlers, so a 401, 422, 404, 409 or 503 is the route's to the byte. Every other
+call) and sends the same status, body and headers: a decision or a meter fault (422, 404, 409,
+503) is rendered by meter/_http.py, as the route and the ASGI middleware render it; any other
+error (401, 403, 413, a body's 422) by the app's own exception handlers. Every other
 request, and anything that is not a plain POST to the debit path, goes to the app untouched.
 The route stays registered: it documents the endpoint in the OpenAPI schema and serves it
 wherever this layer is not mounted.
