@@ -168,9 +168,11 @@ class TokenMeterMiddleware:
         return self._meter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Lifespan and websocket scopes are not requests to charge: pass them through untouched.
+        # Lifespan and websocket scopes are not requests to charge: pass them through untouched
+        # (but for closing, at shutdown, the meter this middleware connected itself).
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            owned = scope["type"] == "lifespan" and self._url is not None
+            await self.app(scope, receive, self._closing(send) if owned else send)
             return
         exact = self._exact
         if exact is not None:
@@ -220,6 +222,16 @@ class TokenMeterMiddleware:
         else:
             await send_json(send, 402 if d.reason == "insufficient" else 429,
                             denial_body(d, self._packages_url), [*headers, process_time(start)])
+
+
+    def _closing(self, send: Send) -> Send:
+        async def send_then_close(message: Message) -> None:
+            await send(message)
+            if message["type"] == "lifespan.shutdown.complete" and self._meter is not None:
+                meter, self._meter = self._meter, None
+                await meter.close()
+
+        return send_then_close
 
 
 def _with_headers(send: Send, headers: list[Header], start: float) -> Send:

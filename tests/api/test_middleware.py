@@ -377,6 +377,32 @@ async def test_a_redis_url_connects_on_the_first_request() -> None:
     await connected.close()
 
 
+async def test_a_meter_it_connected_is_closed_at_shutdown() -> None:
+    inner = App()
+    app = TokenMeterMiddleware(inner, meter="fakeredis://", account="x-account")
+    connected = await app.meter()
+    closed: list[bool] = []
+    close = connected.close
+
+    async def recording_close() -> None:
+        closed.append(True)
+        await close()
+
+    connected.close = recording_close  # type: ignore[method-assign]
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return next(messages)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert closed == [True] and app._meter is None  # a request after a restart connects again
+
+
 async def test_a_redis_url_that_is_down_fails_closed() -> None:
     inner = App()
     app = TokenMeterMiddleware(inner, meter=f"redis://127.0.0.1:{closed_port()}/0", account="x-account")
