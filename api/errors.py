@@ -3,8 +3,6 @@ for bad input. Bodies: {"error": code, "message": text, ...details}."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,27 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
-from meter import (
-    IdempotencyConflict,
-    InvalidInput,
-    LedgerUnavailable,
-    MeterError,
-    OutcomeUnknown,
-    StoreUnavailable,
-    UnknownAccount,
-    UnknownHold,
-)
+from api.metering import json_response
+from meter import MeterError
+from meter._http import OUTCOME_UNKNOWN_ADVICE, error_body, error_parts, field_names
 
 __all__ = ["OUTCOME_UNKNOWN_ADVICE", "error_body", "field_names", "install_error_handlers"]
-
-OUTCOME_UNKNOWN_ADVICE = ("the request reached the token store but its answer was lost: it may have been "
-                          "applied; retry with the same Idempotency-Key (a retry without one may be charged twice)")
-
-
-def error_body(error: str, message: str, **details: Any) -> dict[str, Any]:
-    return {"error": error, "message": message, **details}
-
 
 def _field(error: dict[str, Any]) -> str:
     """The offending field: `tokens`, `items.0.agent`; `body` for a body that is not valid JSON
@@ -41,18 +25,6 @@ def _field(error: dict[str, Any]) -> str:
         return "body"
     parts = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
-
-
-@contextlib.contextmanager
-def field_names(**names: str) -> Iterator[None]:
-    """Report the meter's InvalidInput under the name the HTTP caller used for that field
-    (e.g. the meter's request_id is the Idempotency-Key header)."""
-    try:
-        yield
-    except InvalidInput as exc:
-        if exc.field in names:
-            raise InvalidInput(names[exc.field], exc.message) from exc
-        raise
 
 
 def _is_data_error(exc: DBAPIError) -> bool:
@@ -87,44 +59,12 @@ def install_error_handlers(app: FastAPI) -> None:
             "invalid_input", f"{field}: {first.get('msg', 'invalid')}", field=field,
             errors=[{"field": _field(e), "message": e.get("msg", "")} for e in errors]))
 
-    @app.exception_handler(InvalidInput)
-    async def invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
-        return JSONResponse(status_code=422, content=error_body(
-            "invalid_input", f"{exc.field}: {exc.message}", field=exc.field))
-
-    @app.exception_handler(UnknownAccount)
-    async def unknown_account(_: Request, exc: UnknownAccount) -> JSONResponse:
-        return JSONResponse(status_code=404, content=error_body(
-            "unknown_account", str(exc), account_id=exc.account_id))
-
-    @app.exception_handler(UnknownHold)
-    async def unknown_hold(_: Request, exc: UnknownHold) -> JSONResponse:
-        return JSONResponse(status_code=404, content=error_body("unknown_hold", str(exc), hold_id=exc.hold_id))
-
-    @app.exception_handler(IdempotencyConflict)
-    async def conflict(_: Request, exc: IdempotencyConflict) -> JSONResponse:
-        return JSONResponse(status_code=409, content=error_body(
-            "idempotency_conflict", str(exc), idempotency_key=exc.request_id))
-
-    @app.exception_handler(StoreUnavailable)
-    async def unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, headers={"Retry-After": "1"},
-                            content=error_body("store_unavailable", f"token store unavailable: {exc}"))
-
-    @app.exception_handler(OutcomeUnknown)  # (more specific than StoreUnavailable: matched first)
-    async def outcome_unknown(_: Request, exc: OutcomeUnknown) -> JSONResponse:
-        return JSONResponse(status_code=503, headers={"Retry-After": "1"},
-                            content=error_body("outcome_unknown", f"{OUTCOME_UNKNOWN_ADVICE} ({exc})"))
-
-    @app.exception_handler(LedgerUnavailable)
-    async def ledger_unavailable(_: Request, exc: LedgerUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, headers={"Retry-After": "1"},
-                            content=error_body("ledger_unavailable", str(exc)))
-
     @app.exception_handler(MeterError)
-    async def meter_error(_: Request, exc: MeterError) -> JSONResponse:
-        return JSONResponse(status_code=503, headers={"Retry-After": "1"},
-                            content=error_body("meter_error", str(exc)))
+    async def meter_fault(_: Request, exc: MeterError) -> Response:
+        # 422, 404, 409, or 503 with Retry-After: the one table in meter/_http.py, which the
+        # debit fast path and the ASGI middleware answer with too.
+        status, body, headers = error_parts(exc)
+        return json_response(status, body, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -3,8 +3,9 @@ routing, request objects, dependency solving and response classes.
 
 Mounted by `create_app` as the app's outermost middleware. It runs the very same code as the
 FastAPI route (`api.routes.meter.debit_decision`: key and scope, body validation, one meter
-call) and sends the same status, body and headers; every error is rendered by the app's own
-exception handlers, so a 401, 422, 404, 409 or 503 is the route's to the byte. Every other
+call) and sends the same status, body and headers: a decision or a meter fault (422, 404, 409,
+503) is rendered by meter/_http.py, as the route and the ASGI middleware render it; any other
+error (401, 403, 413, a body's 422) by the app's own exception handlers. Every other
 request, and anything that is not a plain POST to the debit path, goes to the app untouched.
 The route stays registered: it documents the endpoint in the OpenAPI schema and serves it
 wherever this layer is not mounted.
@@ -25,9 +26,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.headers import PRIVATE_HEADERS
-from api.metering import decision_parts, observe
+from api.metering import observe
 from api.routes.meter import MAX_BODY_BYTES, debit_decision, decision_body
+from meter import MeterError
+from meter._http import PRIVATE_HEADERS, decision_parts, error_parts, process_time, send_json
 
 __all__ = ["DEBIT_PATH", "MAX_BODY_BYTES", "MeterFastPath"]
 
@@ -35,7 +37,6 @@ DEBIT_PATH = "/api/v1/meter/debit"
 _AUTHORIZATION = b"authorization"
 _API_KEY = b"x-api-key"
 _IDEMPOTENCY_KEY = b"idempotency-key"
-_JSON = (b"content-type", b"application/json")
 
 
 class MeterFastPath:
@@ -63,23 +64,22 @@ class MeterFastPath:
         app = scope["app"]  # the Starlette/FastAPI app this middleware belongs to
         try:
             d = await debit_decision(app.state.tm, authorization, api_key, idempotency_key, raw)
+        except MeterError as exc:  # rendered from the one table, as the route and the middleware do
+            status, body, headers = error_parts(exc)
+            observe("debit", str(body["error"]), start)
+            await send_json(send, status, body, [*headers, process_time(start)])
+            return
         except Exception as exc:
             response = await _handled(app, scope, exc)
-            response.raw_headers.extend(PRIVATE_HEADERS)  # as api.headers adds to the route's answers
+            names = {name for name, _ in response.raw_headers}
+            # as api.headers.PrivateHeaders adds to the route's answers (this layer runs before it)
+            response.raw_headers.extend(h for h in PRIVATE_HEADERS if h[0] not in names)
             observe("debit", _error_code(response), start)
             await response(scope, receive, send)
             return
-        status, content, headers = decision_parts(d, decision_body(d), start)
+        status, content, headers = decision_parts(d, decision_body(d), app.state.tm.rt.meter.clock.now_ms())
         observe("debit", d.reason, start)
-        await _send_json(send, status, content, headers)
-
-
-async def _send_json(send: Send, status: int, content: dict[str, object], headers: dict[str, str]) -> None:
-    payload = json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        _JSON, (b"content-length", b"%d" % len(payload)), *PRIVATE_HEADERS,
-        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]})
-    await send({"type": "http.response.body", "body": payload})
+        await send_json(send, status, content, [*headers, process_time(start)])
 
 
 def _route_path(scope: Scope) -> str:

@@ -2,18 +2,17 @@
 another content type, never stored by a shared cache or the browser. Pure ASGI: it only adds two
 headers to the response's start message, nothing is buffered.
 
-The header pairs live here once; the debit fast path (api/fastpath.py, served before this
-middleware) adds `PRIVATE_HEADERS` to its own answers."""
+The header pairs live once, in meter/_http.py: its JSON sender (the debit fast path, the meter
+routes, the ASGI middleware) sends them itself, so this middleware finds them and adds nothing."""
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from meter._http import NO_STORE, NOSNIFF, PRIVATE_HEADERS  # defined with the JSON sender that sends them
+
 __all__ = ["NOSNIFF", "NO_STORE", "PRIVATE_HEADERS", "PUBLIC_PATHS", "PrivateHeaders"]
 
-NOSNIFF = (b"x-content-type-options", b"nosniff")
-NO_STORE = (b"cache-control", b"no-store")
-PRIVATE_HEADERS = (NOSNIFF, NO_STORE)
 PRIVATE_PREFIX = "/api/v1/"
 PUBLIC_PATHS = frozenset({"/api/v1/tokens/packages"})  # the price list: the same for everyone
 

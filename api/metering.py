@@ -1,19 +1,19 @@
-"""Turning decisions into HTTP: the brief's 402 body, 429 with Retry-After, metering headers.
-Shared by the meter endpoints, the project runner and the ASGI middleware."""
+"""Turning decisions into HTTP for the FastAPI side: the meter's contract is meter/_http.py
+(status, body, headers; shared with the fast path and the ASGI middleware); here it becomes a
+Starlette Response, and each answered meter request is counted for /metrics."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
+from starlette.responses import Response
 
-from meter import Decision
-from meter._clock import DAY_MS
+from meter import Decision, Meter
+from meter._http import PACKAGES_URL, Header, decision_parts, denial_body, encode_json, process_time
 
-__all__ = ["PACKAGES_URL", "decision_parts", "decision_response", "denial_body", "metered_headers", "observe"]
-
-PACKAGES_URL = "/api/v1/tokens/packages"
+__all__ = ["PACKAGES_URL", "decision_response", "denial_body", "json_response", "metered_headers", "observe"]
 
 DECISIONS = Counter("tokenmeter_decisions_total", "Meter requests answered, by operation and outcome "
                     "(ok, insufficient, daily_cap, rate_limited, or the error code)", ["op", "outcome"])
@@ -33,48 +33,27 @@ def observe(op: str, outcome: str, start: float) -> None:
 
 
 def metered_headers(remaining: int | None, used_today: int | None, requests_today: int | None,
-                    start: float) -> dict[str, str]:
-    h = {"X-Process-Time": f"{(time.perf_counter() - start) * 1000:.3f}"}
+                    start: float) -> list[Header]:
+    """The X-Tokens headers of a balance figure (settle, release, balance), then X-Process-Time."""
+    h = []
     if remaining is not None:
-        h["X-Tokens-Remaining"] = str(remaining)
+        h.append((b"x-tokens-remaining", b"%d" % remaining))
     if used_today is not None:
-        h["X-Tokens-Used-Today"] = str(used_today)
+        h.append((b"x-tokens-used-today", b"%d" % used_today))
     if requests_today is not None:
-        h["X-Requests-Today"] = str(requests_today)
-    return h
+        h.append((b"x-requests-today", b"%d" % requests_today))
+    return [*h, process_time(start)]
 
 
-def denial_body(d: Decision) -> dict[str, object]:
-    """The brief's error bodies: insufficient tokens, or a cap with when to come back."""
-    if d.reason == "insufficient":
-        return {"error": "Insufficient tokens",
-                "message": f"Need {d.shortage} more tokens. Current balance: {d.remaining}",
-                "required": d.tokens, "available": d.remaining, "shortage": d.shortage,
-                "packages_url": PACKAGES_URL}
-    what = "Daily request limit reached" if d.reason == "daily_cap" else "Rate limit exceeded"
-    return {"error": what, "message": f"{what}; retry after {-(-d.retry_after_ms // 1000)} s",
-            "reason": d.reason, "daily_request_limit": d.daily_request_limit,
-            "requests_today": d.requests_today, "retry_after_ms": d.retry_after_ms}
+def json_response(status: int, body: dict[str, Any], headers: list[Header]) -> Response:
+    """A Starlette Response with exactly the bytes `meter._http.send_json` sends."""
+    payload, raw_headers = encode_json(body, headers)
+    response = Response(payload, status_code=status)
+    response.raw_headers = raw_headers
+    return response
 
 
-def decision_parts(d: Decision, body: dict[str, object], start: float
-                   ) -> tuple[int, dict[str, object], dict[str, str]]:
-    """(status, body, headers): 200 when allowed, 402 or 429 (with Retry-After) when denied; the
-    RateLimit headers describe the plan's daily window (reset at the next UTC midnight), as the
-    middleware's do."""
-    headers = metered_headers(d.remaining, d.tokens_used_today, d.requests_today, start)
-    if d.daily_request_limit:
-        headers["RateLimit-Limit"] = str(d.daily_request_limit)
-        headers["RateLimit-Remaining"] = str(max(d.daily_request_limit - d.requests_today, 0))
-        headers["RateLimit-Reset"] = str(-(-(DAY_MS - time.time_ns() // 1_000_000 % DAY_MS) // 1000))
-    if d.allowed:
-        return 200, body, headers
-    if d.reason == "insufficient":
-        return 402, {**body, **denial_body(d)}, headers
-    headers["Retry-After"] = str(-(-d.retry_after_ms // 1000))
-    return 429, {**body, **denial_body(d)}, headers
-
-
-def decision_response(d: Decision, body: dict[str, object], start: float) -> JSONResponse:
-    status, content, headers = decision_parts(d, body, start)
-    return JSONResponse(content, status_code=status, headers=headers)
+def decision_response(meter: Meter, d: Decision, body: dict[str, object], start: float) -> Response:
+    """200, 402 or 429 (with Retry-After); the RateLimit reset on the meter's clock."""
+    status, content, headers = decision_parts(d, body, meter.clock.now_ms())
+    return json_response(status, content, [*headers, process_time(start)])

@@ -11,15 +11,16 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from api.deps import authorize, service_with_scope
 from api.errors import error_body, field_names
 from api.fields import StrictInt
-from api.metering import decision_response, metered_headers, observe
+from api.metering import decision_response, json_response, metered_headers, observe
 from api.state import AppState
-from meter import Decision
+from meter import Decision, MeterError
+from meter._http import error_parts, process_time
 
 router = APIRouter(prefix="/api/v1/meter", tags=["meter"])
 MAX_BODY_BYTES = 16_384  # a debit body is a few hundred bytes; its text fields are capped far below this
@@ -118,32 +119,38 @@ async def debit_decision(state: AppState, authorization: str | None, x_api_key: 
 @router.post("/debit", summary="May this account spend N tokens now? If so, deduct them.",
              openapi_extra=_doc(DebitIn),
              responses={402: {"description": "insufficient tokens"}, 429: {"description": "daily cap or rate limit"}})
-async def debit(request: Request) -> JSONResponse:
+async def debit(request: Request) -> Response:
     """Served by api/fastpath.py in the app; this route documents it and serves it when the
     fast path is not mounted."""
     start = time.perf_counter()
     h = request.headers
-    d = await debit_decision(request.app.state.tm, h.get("authorization"), h.get("x-api-key"),
-                             h.get("idempotency-key"), await request.body())
+    state: AppState = request.app.state.tm
+    try:
+        d = await debit_decision(state, h.get("authorization"), h.get("x-api-key"), h.get("idempotency-key"),
+                                 await request.body())
+    except MeterError as exc:  # as the fast path answers it (with X-Process-Time), not the generic handler
+        status, body, headers = error_parts(exc)
+        observe("debit", str(body["error"]), start)
+        return json_response(status, body, [*headers, process_time(start)])
     observe("debit", d.reason, start)
-    return decision_response(d, decision_body(d), start)
+    return decision_response(state.rt.meter, d, decision_body(d), start)
 
 
 @router.post("/reserve", summary="Hold tokens for a call whose cost is known afterwards",
              openapi_extra=_doc(ReserveIn))
-async def reserve(request: Request) -> JSONResponse:
+async def reserve(request: Request) -> Response:
     start = time.perf_counter()
     state, body, idempotency_key = await _begin(request, ReserveIn)
     with field_names(request_id="Idempotency-Key"):
         d = await state.rt.meter.reserve(body.account_id, body.tokens, ttl_ms=body.ttl_ms, agent=body.agent,
                                          model=body.model, request_id=idempotency_key, project_id=body.project_id)
     observe("reserve", d.reason, start)
-    return decision_response(d, {**decision_body(d), "hold_id": d.hold_id, "expires_at_ms": d.expires_at_ms},
-                             start)
+    body_out = {**decision_body(d), "hold_id": d.hold_id, "expires_at_ms": d.expires_at_ms}
+    return decision_response(state.rt.meter, d, body_out, start)
 
 
 @router.post("/settle", summary="Charge a hold's actual usage and return the rest", openapi_extra=_doc(SettleIn))
-async def settle(request: Request) -> JSONResponse:
+async def settle(request: Request) -> Response:
     start = time.perf_counter()
     state, body, idempotency_key = await _begin(request, SettleIn)
     with field_names(request_id="Idempotency-Key"):
@@ -155,11 +162,11 @@ async def settle(request: Request) -> JSONResponse:
                "uncollected_tokens": r.uncollected, "remaining_tokens": r.remaining,
                "reserved_tokens": r.reserved, "replayed": r.replayed}
     observe("settle", "ok", start)
-    return JSONResponse(content, headers=metered_headers(r.remaining, None, None, start))
+    return json_response(200, content, metered_headers(r.remaining, None, None, start))
 
 
 @router.post("/release", summary="Cancel a hold; its tokens go back", openapi_extra=_doc(ReleaseIn))
-async def release(request: Request) -> JSONResponse:
+async def release(request: Request) -> Response:
     start = time.perf_counter()
     state, body, idempotency_key = await _begin(request, ReleaseIn)
     with field_names(request_id="Idempotency-Key"):
@@ -167,17 +174,17 @@ async def release(request: Request) -> JSONResponse:
     content = {"transaction_id": r.transaction_id, "released_tokens": r.tokens,
                "remaining_tokens": r.remaining, "reserved_tokens": r.reserved, "replayed": r.replayed}
     observe("release", "ok", start)
-    return JSONResponse(content, headers=metered_headers(r.remaining, None, None, start))
+    return json_response(200, content, metered_headers(r.remaining, None, None, start))
 
 
 @router.get("/accounts/{account_id}/balance", summary="An account's live balance (the user balance fields)")
-async def account_balance(account_id: AccountId, request: Request) -> JSONResponse:
+async def account_balance(account_id: AccountId, request: Request) -> Response:
     start = time.perf_counter()
     await service_with_scope(request, "meter")
     state: AppState = request.app.state.tm
     b = await state.rt.meter.balance(account_id)
-    return JSONResponse(b.as_dict(), headers=metered_headers(b.remaining_tokens, b.tokens_used_today,
-                                                             b.requests_today, start))
+    return json_response(200, b.as_dict(), metered_headers(b.remaining_tokens, b.tokens_used_today,
+                                                           b.requests_today, start))
 
 
 @router.post("/accounts", status_code=201, summary="Open an account for a gateway's user",

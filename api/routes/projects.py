@@ -13,8 +13,9 @@ from pydantic import BaseModel, Field
 from api.agents import AgentRunner, SimulatedAgentRunner
 from api.deps import current_user
 from api.errors import error_body
-from api.metering import PACKAGES_URL, denial_body
+from api.metering import json_response
 from api.state import AppState, app_state
+from meter._http import decision_headers, denial_body, insufficient_body
 from persistence.models import Project
 
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
@@ -53,11 +54,7 @@ async def execute(project_id: str, account_id: str = Depends(current_user),
     required = rt.catalog.project_estimate_tokens
     available = (await rt.meter.balance(account_id)).remaining_tokens
     if available < required:
-        return JSONResponse(status_code=402, content={
-            "error": "Insufficient tokens",
-            "message": f"Need {required - available} more tokens. Current balance: {available}",
-            "required": required, "available": available, "shortage": required - available,
-            "packages_url": PACKAGES_URL})
+        return JSONResponse(status_code=402, content=insufficient_body(required, available))
     run_id = uuid.uuid4().hex[:12]
     runner = runner_of(state)
     results: list[dict[str, Any]] = []
@@ -66,9 +63,10 @@ async def execute(project_id: str, account_id: str = Depends(current_user),
                                       project_id=project_id, request_id=f"run:{run_id}:{agent.id}:hold")
         if not hold.allowed or hold.hold_id is None:  # e.g. the daily cap: stop, report what ran
             status = 402 if hold.reason == "insufficient" else 429
-            headers = {"Retry-After": str(-(-hold.retry_after_ms // 1000))} if status == 429 else {}
-            return JSONResponse(status_code=status, headers=headers, content={
-                **denial_body(hold), "project_id": project_id, "stopped_at_agent": agent.id, "agents": results})
+            # the denial's headers as the meter endpoints give them (X-Tokens-*, RateLimit-*, Retry-After)
+            return json_response(status, {**denial_body(hold), "project_id": project_id,
+                                          "stopped_at_agent": agent.id, "agents": results},
+                                 decision_headers(hold, rt.meter.clock.now_ms()))
         try:
             usage = await runner.run(project_id, agent)
         except Exception:

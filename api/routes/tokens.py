@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 from sqlalchemy import select, update
@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.deps import current_user
 from api.errors import error_body
-from api.metering import metered_headers
+from api.metering import json_response, metered_headers
 from api.state import AppState, app_state
 from meter import StoreUnavailable
 from meter import keys as keyspace
@@ -41,13 +41,13 @@ def _money(minor: int, places: int) -> Decimal:
 
 
 @router.get("/balance", summary="Current balance (live, from Redis)")
-async def balance(account_id: str = Depends(current_user), state: AppState = Depends(app_state)) -> JSONResponse:
+async def balance(account_id: str = Depends(current_user), state: AppState = Depends(app_state)) -> Response:
     import time
 
     start = time.perf_counter()
     b = await state.rt.meter.balance(account_id)
-    return JSONResponse(b.as_dict(), headers=metered_headers(b.remaining_tokens, b.tokens_used_today,
-                                                             b.requests_today, start))
+    return json_response(200, b.as_dict(), metered_headers(b.remaining_tokens, b.tokens_used_today,
+                                                           b.requests_today, start))
 
 
 def _describe(row: TokenTransaction, agents: dict[str, str]) -> str:

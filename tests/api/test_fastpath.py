@@ -1,12 +1,16 @@
-"""The pure-ASGI debit fast path (api/fastpath.py) answers exactly as the FastAPI route does.
+"""The pure-ASGI debit fast path (api/fastpath.py) answers exactly as the FastAPI route does,
+and the ASGI middleware (meter/asgi.py) as both, byte for byte.
 
-Each case runs twice, on two identically prepared accounts: once through the app (where the
-fast path serves POST /api/v1/meter/debit) and once through the same app built without the
-fast path (the route serves it), sharing the running app's state. Status, body and headers
-must match (account ids swapped, X-Process-Time and the RateLimit reset second left out)."""
+Each case runs on identically prepared accounts: once through the app (where the fast path
+serves POST /api/v1/meter/debit), once through the same app built without the fast path (the
+route serves it), sharing the running app's state, and once through TokenMeterMiddleware on
+the same meter. Status, body and every header must match (account ids swapped; X-Process-Time
+compared by presence and format only)."""
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +20,9 @@ import pytest
 
 from api.app import create_app
 from api.fastpath import DEBIT_PATH, MAX_BODY_BYTES, MeterFastPath, _route_path
+from meter import FakeClock
+from meter._clock import DAY_MS
+from meter.asgi import TokenMeterMiddleware
 from tests.api.conftest import Api
 
 VARYING = {"x-process-time", "ratelimit-reset", "date", "server"}
@@ -173,3 +180,101 @@ async def test_an_oversized_body_is_refused_without_a_charge(api: Api) -> None:
     small = padded.replace(b" " * MAX_BODY_BYTES, b" " * 100)
     r = await api.client.post(DEBIT_PATH, content=small, headers={**api.service(), "Content-Type": "application/json"})
     assert r.status_code == 200 and r.json()["remaining_tokens"] == 9_995
+
+
+Raw = tuple[int, bytes, list[tuple[bytes, bytes]]]
+_APP_HEADERS = [(b"content-type", b"text/plain"), (b"content-length", b"5")]
+_METERING = (b"x-tokens-", b"x-requests-", b"ratelimit-", b"retry-after", b"x-process-time")
+
+
+async def _hello(scope: Any, receive: Any, send: Any) -> None:
+    """The app behind the middleware: a plain 200."""
+    await send({"type": "http.response.start", "status": 200, "headers": list(_APP_HEADERS)})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+def _raw(r: httpx.Response, account: str) -> Raw:
+    """Status, body and the header list in order, account id swapped; X-Process-Time's value
+    checked for its format, then blanked."""
+    headers = []
+    for name, value in r.headers.raw:
+        if name == b"x-process-time":
+            assert re.fullmatch(rb"\d+\.\d{3}", value), value
+            value = b"T"
+        elif name == b"content-length":
+            value = b"N"  # account ids of different lengths: the length is checked by httpx itself
+        headers.append((name, value.replace(account.encode(), b"ACCOUNT")))
+    return r.status_code, r.content.replace(account.encode(), b"ACCOUNT"), headers
+
+
+async def test_route_fast_path_and_middleware_answer_byte_for_byte(api: Api, route_only: httpx.AsyncClient) -> None:
+    meter = api.state.rt.meter
+    today = meter.clock.now_ms() // DAY_MS * DAY_MS
+    # 01:00:00.5 UTC on the meter's clock: 82,799.5 s to midnight, rounded up. (RateLimit-Reset
+    # was once read from the wall clock on the route and the fast path: it differed from this.)
+    meter.clock = FakeClock(today + 3_600_500)
+    middleware = TokenMeterMiddleware(_hello, meter=meter, account="x-account",
+                                      tokens=lambda scope: int(dict(scope["headers"])[b"x-tokens"]))
+    mw = httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://mw.test")
+    svc = api.service()
+    tag = uuid.uuid4().hex[:6]
+    fast_acct, route_acct, mw_acct = f"bb-{tag}-a", f"bb-{tag}-b", f"bb-{tag}-c"
+    for acct in (fast_acct, route_acct, mw_acct):
+        r = await api.client.post("/api/v1/meter/accounts", json={"account_id": acct}, headers=svc)
+        assert r.status_code == 201
+
+    async def three(account: str | None, tokens: int, key: str | None = None) -> tuple[Raw, Raw, Raw]:
+        idem = {} if key is None else {"Idempotency-Key": key}
+        out = []
+        for client, acct in ((api.client, fast_acct), (route_only, route_acct)):
+            a = acct if account is None else account
+            r = await client.post(DEBIT_PATH, json={"account_id": a, "tokens": tokens}, headers={**svc, **idem})
+            out.append(_raw(r, acct))
+        a = mw_acct if account is None else account
+        r = await mw.get("/", headers={"x-account": a, "x-tokens": str(tokens), **idem})
+        out.append(_raw(r, mw_acct))
+        return out[0], out[1], out[2]
+
+    def metering(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return [h for h in headers if h[0].startswith(_METERING)]
+
+    def denial_fields(body: bytes, of: bytes) -> dict[str, Any]:
+        sub = json.loads(body)
+        return {k: v for k, v in json.loads(of).items() if k in sub}
+
+    statuses = []
+    cases: list[tuple[str, str | None, int, str | None]] = [
+        ("allowed", None, 120, None),
+        ("idempotent first", None, 7, f"k-{tag}"),
+        ("idempotent replay", None, 7, f"k-{tag}"),
+        ("idempotency conflict", None, 8, f"k-{tag}"),
+        ("over the per-request maximum", None, 9_000, None),
+        ("empty Idempotency-Key", None, 1, ""),
+        ("unknown account", f"nobody-{tag}", 1, None),
+        ("drain", None, 8_000, None),
+        ("insufficient", None, 8_000, None),
+    ]
+    for name, account, tokens, key in cases:
+        fast, route, through_mw = await three(account, tokens, key)
+        assert fast == route, name
+        statuses.append(fast[0])
+        if fast[0] == 200:  # the middleware's answer is the app's, with the metering headers added
+            assert through_mw[:2] == (200, b"hello"), name
+            assert through_mw[2] == [*_APP_HEADERS[:1], (b"content-length", b"N"), *metering(fast[2])], name
+        elif fast[0] in (402, 429):  # the denial: the same headers; the body the denial fields alone
+            assert through_mw[0] == fast[0] and through_mw[2] == fast[2], name
+            assert json.loads(through_mw[1]) == denial_fields(through_mw[1], fast[1]), name
+        else:
+            assert through_mw == fast, name
+    assert statuses == [200, 200, 200, 409, 422, 422, 404, 200, 402]
+    assert (b"ratelimit-reset", b"82800") in fast[2]
+
+    # the daily cap (100 requests on the free plan): fill the day, then all three refuse alike
+    used = int(dict(fast[2])[b"x-requests-today"])
+    for _ in range(100 - used):
+        assert all(r[0] == 200 for r in await three(None, 1))
+    fast, route, through_mw = await three(None, 1)
+    assert fast == route and fast[0] == 429
+    assert (b"retry-after", b"82800") in fast[2] and through_mw[2] == fast[2]
+    assert json.loads(through_mw[1]) == denial_fields(through_mw[1], fast[1])
+    await mw.aclose()

@@ -3,8 +3,12 @@ real Redis). The app records each call, so "denied means the app never ran" is c
 
 from __future__ import annotations
 
+import logging
+import pathlib
 import re
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -13,8 +17,9 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.types import Message, Receive, Scope, Send
 
 import api.middleware as middleware_module
-from api.middleware import TokenMeterMiddleware
+from api.middleware import TokenMeterMiddleware, headers_of
 from meter import FakeClock, Meter
+from meter import asgi as meter_asgi
 from meter._clock import DAY_MS
 from tests.conftest import MeterFactory
 from tests.meter.test_wallet import catalog_with
@@ -241,7 +246,8 @@ async def test_bad_account_id_is_422_and_unknown_account_is_404(backend: str, ma
     assert bad.status_code == 422 and bad.json()["field"] == "account_id"
     assert unknown.status_code == 404
     assert unknown.json() == {"error": "unknown_account", "message": "unknown account 'ghost'", "account_id": "ghost"}
-    assert bad_key.status_code == 422 and bad_key.json()["field"] == "request_id"
+    # the header the caller sent, as the HTTP API names it (it said the meter's "request_id")
+    assert bad_key.status_code == 422 and bad_key.json()["field"] == "Idempotency-Key"
     assert inner.http_calls == 0
 
 
@@ -323,12 +329,16 @@ async def test_body_streams_through_unbuffered(backend: str, make_meter: MeterFa
     ({"tokens": True}, ValueError),
     ({"tokens": "5"}, ValueError),
     ({"paths": "/api"}, TypeError),
-    ({"account": "u1"}, TypeError),
+    ({"account": 5}, TypeError),
+    ({"account": ""}, ValueError),
+    ({"on_error_status": 500}, ValueError),
+    ({"meter": object()}, TypeError),
 ])
 def test_bad_configuration_fails_at_start(options: dict[str, Any], error: type[Exception]) -> None:
     options.setdefault("account", account_header)
+    options.setdefault("meter", "redis://127.0.0.1:6379/0")  # a URL: nothing connects at start
     with pytest.raises(error):
-        TokenMeterMiddleware(App(), meter=object(), **options)  # type: ignore[arg-type]
+        TokenMeterMiddleware(App(), **options)
 
 
 def test_public_surface() -> None:
@@ -336,5 +346,117 @@ def test_public_surface() -> None:
         return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
 
     exported = middleware_module.__all__
-    assert exported == sorted(exported, key=key) == ["TokenMeterMiddleware"]
+    assert exported == sorted(exported, key=key) == ["AccountOf", "TokenMeterMiddleware", "TokensOf", "headers_of"]
+    assert exported == meter_asgi.__all__  # api.middleware re-exports the library's middleware
+    assert TokenMeterMiddleware is meter_asgi.TokenMeterMiddleware
     assert not issubclass(TokenMeterMiddleware, BaseHTTPMiddleware)
+
+
+def test_the_middleware_imports_without_a_web_framework() -> None:
+    """`import meter.asgi` loads the meter alone: no FastAPI, Starlette, SQLAlchemy, Prometheus,
+    and no top-level `api` package (which would clash with an app's own `api/`)."""
+    code = ("import sys, meter.asgi; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'starlette', 'sqlalchemy', 'prometheus_client', 'api')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=pathlib.Path(__file__).parents[2])
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+async def test_a_redis_url_connects_on_the_first_request() -> None:
+    inner = App()
+    app = TokenMeterMiddleware(inner, meter="fakeredis://", account="x-account")  # built outside a loop's call
+    assert app._meter is None  # nothing connected yet
+    async with client_for(app) as client:
+        first = await client.get("/", headers={"x-account": "u1"})
+        connected = await app.meter()
+        await connected.open_account("u1")
+        second = await client.get("/", headers={"x-account": "u1"})
+    assert first.status_code == 404 and first.json()["error"] == "unknown_account"  # it did connect
+    assert second.status_code == 200 and second.headers["x-tokens-remaining"] == "9999"
+    assert await app.meter() is connected and inner.http_calls == 1
+    await connected.close()
+
+
+async def test_a_meter_it_connected_is_closed_at_shutdown() -> None:
+    inner = App()
+    app = TokenMeterMiddleware(inner, meter="fakeredis://", account="x-account")
+    connected = await app.meter()
+    closed: list[bool] = []
+    close = connected.close
+
+    async def recording_close() -> None:
+        closed.append(True)
+        await close()
+
+    connected.close = recording_close  # type: ignore[method-assign]
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return next(messages)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan"}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert closed == [True] and app._meter is None  # a request after a restart connects again
+
+
+async def test_a_redis_url_that_is_down_fails_closed() -> None:
+    inner = App()
+    app = TokenMeterMiddleware(inner, meter=f"redis://127.0.0.1:{closed_port()}/0", account="x-account")
+    async with client_for(app) as client:
+        r = await client.get("/", headers={"x-account": "u1"})
+    assert r.status_code == 503 and r.json()["error"] == "store_unavailable" and inner.http_calls == 0
+    await (await app.meter()).close()
+
+
+async def test_account_by_header_name_and_headers_of(backend: str, make_meter: MeterFactory) -> None:
+    meter = await make_meter(backend)
+    await meter.open_account("u1")
+    seen: list[dict[str, str]] = []
+
+    def account(scope: Scope) -> str | None:
+        seen.append(headers_of(scope))
+        return None
+
+    inner, by_name = wrap(meter, account="X-Account")  # any case: header names are case-insensitive
+    _, by_callable = wrap(meter, account=account)
+    async with client_for(by_name) as client:
+        metered = await client.get("/", headers={"x-account": "u1"})
+        empty = await client.get("/", headers={"x-account": ""})
+        missing = await client.get("/")
+    async with client_for(by_callable) as client:
+        await client.get("/", headers=[("X-User", "a"), ("x-user", "b")])
+    assert metered.headers["x-tokens-remaining"] == "9999"
+    assert "x-tokens-remaining" not in empty.headers and "x-tokens-remaining" not in missing.headers
+    assert inner.http_calls == 3
+    assert seen[0]["x-user"] == "a"  # lowercase names; the first of a repeated header wins, as in Starlette
+
+
+@pytest.mark.parametrize("status", [401, 400])
+async def test_a_raising_account_callable_is_answered_not_a_500(
+        backend: str, make_meter: MeterFactory, status: int, caplog: pytest.LogCaptureFixture) -> None:
+    meter = await make_meter(backend)
+
+    def account(scope: Scope) -> str:
+        raise KeyError("no session")
+
+    inner, app = wrap(meter, account=account, on_error_status=status)
+    with caplog.at_level(logging.WARNING, logger="meter.asgi"):
+        async with client_for(app) as client:
+            r = await client.get("/work")
+    assert r.status_code == status
+    assert r.json()["error"] == {401: "unauthorized", 400: "bad_request"}[status]
+    assert inner.http_calls == 0
+    assert any("KeyError" in rec.getMessage() and "GET /work" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_packages_url_is_configurable(backend: str, make_meter: MeterFactory) -> None:
+    meter = await make_meter(backend, catalog=catalog_with())
+    await meter.open_account("u1", plan="t")  # 1,000 tokens
+    _, app = wrap(meter, tokens=2_000, packages_url="https://shop.example/tokens")
+    async with client_for(app) as client:
+        r = await client.get("/", headers={"x-account": "u1"})
+    assert r.status_code == 402 and r.json()["packages_url"] == "https://shop.example/tokens"
