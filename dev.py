@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Bootstrap and task runner: needs only Python 3.11+ on the machine.
 
-    python3 dev.py serve [args]         run the service (embedded Redis + SQLite unless configured)
+    python3 dev.py serve [args]         run the service (embedded Redis + SQLite unless configured);
+                                        --port N (default 8000), --host ADDR (default 127.0.0.1)
+    python3 dev.py tokenmeter CMD ...   the `tokenmeter` command line (apikey, migrate, flusher, ...)
     python3 dev.py test [pytest args]   lint, type-check and run the test suite
     python3 dev.py bench [args]         run the side-by-side debit benchmark
     python3 dev.py shell CMD ...        run CMD inside the project's virtualenv
@@ -75,6 +77,8 @@ def main(argv: list[str]) -> int:
             return _run(BIN / "tokenmeter", "serve", *rest, cwd=Path.cwd())
         except KeyboardInterrupt:
             return 0
+    if cmd == "tokenmeter":  # from the caller's directory, like serve: the same SQLite file
+        return _run(BIN / "tokenmeter", *rest, cwd=Path.cwd())
     if cmd == "bench":
         return _run(BIN / "python", "-m", "loadtests.bench_debit", *rest)
     if cmd == "shell":

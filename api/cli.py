@@ -159,6 +159,7 @@ async def cmd_balance(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import secrets
+    import shutil
 
     import uvicorn
 
@@ -190,7 +191,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"  database: {mask_url(settings.database_url)}")
     print(f"  flusher:  {settings.flusher}")
     print(f"  {key_note}")
-    print("  service keys: tokenmeter apikey create --name my-gateway --scopes meter  "
+    # `tokenmeter` is on PATH in an installed image; from a checkout it lives in .venv/bin
+    cli = "tokenmeter" if shutil.which("tokenmeter") else "python3 dev.py tokenmeter"
+    print(f"  service keys: {cli} apikey create --name my-gateway --scopes meter  "
           "(or POST /api/v1/admin/api-keys with the master key)", flush=True)
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                 loop="uvloop", http="httptools", log_level="warning" if not args.verbose else "info")
