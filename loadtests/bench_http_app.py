@@ -18,8 +18,9 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.fastpath import _body, _send_json
+from api.fastpath import _body
 from api.routes.meter import DebitIn
+from meter._http import send_json
 
 MASTER_KEY = "tmbench-http-master-key"  # fixed: this server only lives for the run, on loopback
 SETTINGS_ENV = "TOKENMETER_BENCH_HTTP_SETTINGS"  # JSON of Settings(...) kwargs, for every worker
@@ -99,7 +100,7 @@ class BareAsgi:
         if raw is None:
             return
         DebitIn.model_validate_json(raw)
-        await _send_json(send, 200, BARE_BODY, {})
+        await send_json(send, 200, BARE_BODY, [])
 
 
 async def _prepare(settings_kwargs: dict[str, Any]) -> None:
