@@ -10,7 +10,8 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
-__all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "LoginKeys", "account_keys", "idempotency_key", "journal_key",
+__all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "LoginKeys", "account_keys", "dead_letter_key", "idempotency_key",
+           "journal_key",
            "live_key", "login_keys", "promo_failures_key", "registration_address_key", "registration_global_key",
            "revoked_api_key_key", "shard_of", "shard_tag", "stream_slots_key", "sweep_key"]
 
@@ -39,6 +40,11 @@ def shard_tag(shard: int, prefix: str = PREFIX) -> str:
 
 def journal_key(shard: int, prefix: str = PREFIX) -> str:
     return f"{shard_tag(shard, prefix)}:journal"
+
+
+def dead_letter_key(prefix: str = PREFIX) -> str:
+    """Stream of the journal entries the flusher could not write (with the reason)."""
+    return f"{prefix}:deadletter"
 
 
 def sweep_key(shard: int, prefix: str = PREFIX) -> str:

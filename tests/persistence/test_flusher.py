@@ -108,7 +108,7 @@ async def test_malformed_and_poison_entries_go_to_dead_letter(make_meter: MeterF
     await flusher.setup()
     bad_id = await redis.xadd(stream, {"t": "usage", "a": "u1"})  # no seq, no deltas
     await flusher.drain()
-    dead = await redis.xrange(f"{meter.prefix}:deadletter")
+    dead = await redis.xrange(keyspace.dead_letter_key(meter.prefix))
     assert [(d["id"], d["reason"].split(":")[0]) for _, d in dead] == [(bad_id, "malformed entry")]
     assert json.loads(dead[0][1]["fields"]) == {"t": "usage", "a": "u1"}
     assert flusher.stats.flushed == 1  # the welcome entry
@@ -120,7 +120,7 @@ async def test_malformed_and_poison_entries_go_to_dead_letter(make_meter: MeterF
     await asyncio.sleep(0.005)
     await flusher.drain()
     assert (await redis.xpending(stream, "tm-flusher"))["pending"] == 0
-    dead = await redis.xrange(f"{meter.prefix}:deadletter")
+    dead = await redis.xrange(keyspace.dead_letter_key(meter.prefix))
     assert [d["reason"] for _, d in dead] == [dead[0][1]["reason"], "delivered more than 2 times"]
     assert json.loads(dead[1][1]["fields"])["t"] == "usage"
     assert flusher.stats.dead_letters == 2
@@ -337,3 +337,49 @@ async def test_entries_of_the_earlier_format_still_flush(make_meter: MeterFactor
             "av": str(int(r) + int(m) + int(b) + int(p)), "hd": h_after}
         assert JournalEntry.from_fields(old) == JournalEntry.from_fields(f)
         assert prepare(old, eid, meter.catalog) == prepare(f, eid, meter.catalog)
+
+
+async def test_stop_during_a_database_outage_ends_the_loop_with_every_batch_pending(
+        make_meter: MeterFactory, database: Any) -> None:
+    """Stopping has its own signal (FlusherStopped), and the batches in flight beside the one that
+    stopped end with it: none is left running or failing unobserved, none is acknowledged."""
+    import gc
+
+    from persistence.flusher import FlusherStopped
+    from persistence.ledger import DatabaseUnavailable
+
+    class DownWriter(LedgerWriter):  # a database that stays down
+        async def write(self, batch: Any) -> Any:
+            raise DatabaseUnavailable("connection refused")
+
+    meter = await make_meter("redis")
+    redis = meter.store.redis  # type: ignore[attr-defined]
+    accounts = [f"s{i}" for i in range(6)]
+    for a in accounts:
+        await meter.open_account(a)
+    unobserved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unobserved.append(context))
+    try:
+        # batch 1: each entry is its own batch, two in flight at once
+        flusher = Flusher(redis, DownWriter(database, meter.catalog), shards=meter.shards, prefix=meter.prefix,
+                          config=FlusherConfig(block_ms=10, batch=1, writers=2, backoff_max_s=0.02))
+        stop = asyncio.Event()
+        task = asyncio.create_task(flusher.run(stop))
+        for _ in range(200):
+            if flusher.stats.db_retries >= 4:
+                break
+            await asyncio.sleep(0.01)
+        assert flusher.stats.db_retries >= 4
+        stop.set()
+        await asyncio.wait_for(task, 10)  # returns: stopping is not an error
+        with pytest.raises(FlusherStopped):  # what a write raises once stop is set
+            await flusher._write([])
+        assert not [t for t in asyncio.all_tasks() if "_write_batch" in repr(t.get_coro())]
+        gc.collect()
+        assert not unobserved, unobserved
+    finally:
+        loop.set_exception_handler(None)
+    streams = {keyspace.journal_key(keyspace.shard_of(a, meter.shards), meter.prefix) for a in accounts}
+    pending = [(await redis.xpending(s, "tm-flusher"))["pending"] for s in streams]
+    assert sum(pending) == len(accounts) and flusher.stats.flushed == 0
