@@ -404,7 +404,7 @@ class Meter:
             requests_today=n["rq"], tokens_used_today=n["ut"], total_requests=n["treq"],
             daily_request_limit=n["dcap"], requests_per_minute=n["rpm"],
             max_tokens_per_request=n["maxreq"], month_reset_ms=month_end_ms(n["per"]),
-            pending_plan=str(f.get("np") or "").split(":")[0],
+            pending_plan=wire.pending_plan_id(str(f.get("np") or "")),
         )
 
     async def snapshot(self, account_id: str) -> dict[str, str]:

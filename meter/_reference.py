@@ -138,9 +138,8 @@ class ReferenceStore:
 
     @staticmethod
     def _apply_plan(a: dict[str, Any], spec: str) -> None:
-        plan, *limits = spec.split(":")
-        a["plan"] = plan
-        a["allow"], a["dcap"], a["rpm"], a["maxreq"], a["rpct"] = (int(x) for x in limits)
+        a["plan"], limits = wire.parse_plan_spec(spec)
+        a.update(limits)
 
     @staticmethod
     def _burn(a: dict[str, Any], n: int) -> tuple[int, int, int, int]:

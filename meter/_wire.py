@@ -17,6 +17,7 @@ __all__ = [
     "JOURNAL_FIELDS",
     "NUMBER_FIELDS",
     "NUMERIC_FIELDS",
+    "PLAN_SPEC_FIELDS",
     "REPLY_SLOTS",
     "STATE_FIELDS",
     "TEXT_FIELDS",
@@ -27,7 +28,9 @@ __all__ = [
     "encode_state",
     "hold_expiry",
     "parse_numbers",
+    "parse_plan_spec",
     "parse_state",
+    "pending_plan_id",
 ]
 
 # -- the account hash (lua: FIELDS, TEXT) -------------------------------------------------------
@@ -36,6 +39,19 @@ ACCOUNT_FIELDS = ("plan", "allow", "dcap", "rpm", "maxreq", "rpct", "r", "m", "b
                   "per", "day", "rq", "ut", "used", "treq", "tat", "seq", "created", "np")
 TEXT_FIELDS = frozenset({"plan", "np"})  # np: a plan change due at the next period, 'id:allow:dcap:rpm:max:pct'
 NUMERIC_FIELDS = tuple(f for f in ACCOUNT_FIELDS if f not in TEXT_FIELDS)
+PLAN_SPEC_FIELDS = ("plan", "allow", "dcap", "rpm", "maxreq", "rpct")  # lua: apply_plan, and 'np'
+
+
+def parse_plan_spec(spec: str) -> tuple[str, dict[str, int]]:
+    """'id:allow:dcap:rpm:max:pct' (a pending plan 'np', or the plan script's arguments) as the
+    plan id and its limits by account field."""
+    plan, *limits = spec.split(":")
+    return plan, dict(zip(PLAN_SPEC_FIELDS[1:], map(int, limits), strict=True))
+
+
+def pending_plan_id(np: str) -> str:
+    """The plan id of a pending plan change ('' when none)."""
+    return np.split(":", 1)[0]
 
 # -- the reply of a mutating script (lua: reply()) ----------------------------------------------
 

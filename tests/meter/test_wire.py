@@ -41,6 +41,16 @@ def test_lua_state_field_order_is_the_modules() -> None:
     assert tuple(re.findall(r"a\.(\w+)", body.group(1))) == wire.STATE_FIELDS
 
 
+def test_lua_plan_spec_order_is_the_modules() -> None:
+    body = re.search(r"local function apply_plan\(a, spec\)(.*?)touch\(a, (.*?)\)", _lua("_wallet.lua"), re.S)
+    assert body
+    assert tuple(re.findall(r"a\.(\w+)", body.group(1))) == wire.PLAN_SPEC_FIELDS
+    assert tuple(_strings(body.group(2))) == wire.PLAN_SPEC_FIELDS
+    assert wire.parse_plan_spec("pro:5:0:60:8192:25") == (
+        "pro", {"allow": 5, "dcap": 0, "rpm": 60, "maxreq": 8192, "rpct": 25})
+    assert (wire.pending_plan_id("free:1:2:3:4:5"), wire.pending_plan_id("")) == ("free", "")
+
+
 def test_lua_reply_hold_record_and_ttl_are_the_modules() -> None:
     lib = _lua("_wallet.lua")
     reply = re.search(r"local function reply\(a, code, id, retry, x1, x2\)\n  return \{(.*?)\}\n", lib)

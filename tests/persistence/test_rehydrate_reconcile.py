@@ -25,7 +25,7 @@ from persistence.rehydrate import SnapshotLoader, rehydrate_all
 from tests.conftest import MeterFactory, journal_of
 from tests.persistence.test_flusher import make_flusher
 
-HEAD = "0006"
+HEAD = "0007"
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.usefixtures("real_redis")]
 
