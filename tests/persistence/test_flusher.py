@@ -339,6 +339,39 @@ async def test_entries_of_the_earlier_format_still_flush(make_meter: MeterFactor
         assert prepare(old, eid, meter.catalog) == prepare(f, eid, meter.catalog)
 
 
+async def test_entries_written_before_hx_and_the_daily_counters_flush(make_meter: MeterFactory,
+                                                                     database: Any) -> None:
+    """A 'hold' entry of the previous code (its expiry only in the note 'expires N', and a
+    9-field 'st' without day:rq:ut) still in the stream flushes: the row gets the expiry in
+    hold_expires_ms, the snapshot zero daily counters; the current form gives the same row."""
+    meter = await make_meter("redis")
+    await meter.open_account("old-2")
+    h = await meter.reserve("old-2", 500, ttl_ms=30_000)
+    assert h.hold_id and h.expires_at_ms
+    redis = meter.store.redis  # type: ignore[attr-defined]
+    stream = keyspace.journal_key(keyspace.shard_of("old-2", meter.shards), meter.prefix)
+    flusher = make_flusher(meter, database)
+    await flusher.setup()
+    (hold_id, new), = [(eid, f) for eid, f in await redis.xrange(stream) if f["t"] == "hold"]
+    assert new["hx"] == str(h.expires_at_ms) and "nt" not in new
+    old = {k: v for k, v in new.items() if k != "hx"} | {
+        "a": "old-3", "nt": f"expires {h.expires_at_ms}", "st": ":".join(new["st"].split(":")[:9])}
+    await redis.xadd(stream, old)
+    await flusher.drain()
+    async with database.engine.connect() as conn:
+        got = (await conn.execute(text(
+            "SELECT account_id, hold_expires_ms, description, held_after FROM token_transactions "
+            "WHERE transaction_type = 'hold' ORDER BY account_id"))).all()
+        snaps = (await conn.execute(text(
+            "SELECT account_id, day_index, requests_today, reserved_tokens FROM token_balances "
+            "ORDER BY account_id"))).all()
+    assert [tuple(r) for r in got] == [("old-2", h.expires_at_ms, None, 500),
+                                       ("old-3", h.expires_at_ms, f"expires {h.expires_at_ms}", 500)]
+    day = meter.clock.now_ms() // 86_400_000
+    assert [tuple(r) for r in snaps] == [("old-2", day, 1, 500), ("old-3", 0, 0, 500)]
+    assert flusher.stats.dead_letters == 0 and hold_id
+
+
 async def test_stop_during_a_database_outage_ends_the_loop_with_every_batch_pending(
         make_meter: MeterFactory, database: Any) -> None:
     """Stopping has its own signal (FlusherStopped), and the batches in flight beside the one that
