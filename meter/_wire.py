@@ -24,6 +24,7 @@ __all__ = [
     "Hold",
     "Reply",
     "State",
+    "balances_after",
     "decode_reply",
     "encode_state",
     "hold_expiry",
@@ -135,6 +136,12 @@ def parse_state(st: str) -> State:
     if len(rest) + 1 not in (_OLD_STATE_LEN, len(STATE_FIELDS)):
         raise ValueError(f"'st' has {len(rest) + 1} fields, not {_OLD_STATE_LEN} or {len(STATE_FIELDS)}")
     return State(plan, *map(int, rest))
+
+
+def balances_after(st: str) -> tuple[int, int]:
+    """(available, held) from 'st' without parsing the rest: the flusher's inner loop."""
+    _, _, r, m, b, p, h = st.split(":", 7)[:7]
+    return int(r) + int(m) + int(b) + int(p), int(h)
 
 
 def encode_state(account: Mapping[str, Any]) -> str:

@@ -66,7 +66,7 @@ class WriteResult:
     forks: list[str]  # transaction ids already stored from another stream entry
 
 
-Prepared = tuple[Row, wire.State]  # (token_transactions row, the entry's state field "st")
+Prepared = tuple[Row, str]  # (token_transactions row, the entry's state field "st")
 
 
 def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepared:
@@ -78,8 +78,9 @@ def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepare
     """
     get = fields.get
     seq, ts, dr, dm, db, dp, dh = wire.parse_numbers(fields)
-    state = wire.parse_state(fields["st"])
-    kind, after, held = fields["t"], state.available, state.h
+    state = fields["st"]
+    kind = fields["t"]
+    after, held = wire.balances_after(state)  # all of 'st' is parsed for the newest entry only
     moved = dr + dm + db + dp
     inp, out, model = get("in"), get("ou"), get("mo")
     if inp is not None:
@@ -116,7 +117,7 @@ def _snapshots(batch: Sequence[Prepared]) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     snaps = []
     for account, (row, state) in sorted(newest.items()):  # sorted: concurrent flushers lock alike
-        s = state  # entries written before the daily counters parse with 0s (see meter/_wire.py)
+        s = wire.parse_state(state)  # entries written before the daily counters parse with 0s
         snaps.append({"account_id": account, "plan": s.plan, "period": s.per, "rollover_tokens": s.r,
                       "monthly_tokens": s.m, "bonus_tokens": s.b, "premium_tokens": s.p,
                       "reserved_tokens": s.h, "remaining_tokens": row[7], "used_tokens": s.used,
