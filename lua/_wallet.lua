@@ -14,6 +14,9 @@
 -- Reply (mutating scripts): {code, id, available, held, requests_today, tokens_used_today,
 --   retry_after_ms, replayed, daily_limit, x1, x2}; code 'ok' or a denial/error word.
 --
+-- The wire format (reply slots, FIELDS, the journal fields, the hold record) is stated once in
+-- meter/_wire.py; this file keeps a literal copy, and tests/meter/test_wire.py keeps them equal.
+--
 -- Rules: all reads and checks come first; writes are queued and done by commit() at the end,
 -- after which nothing can fail. Numbers are integers below 2^53 (checked before the script);
 -- fmt() prints them with %d, since Lua's default %.14g would print large ones as 1e+15.
@@ -104,7 +107,7 @@ local function available(a) return a.r + a.m + a.b + a.p end
 -- the available and held balances after this change) is the one after it.
 -- Fields: 't' kind, 'a' account, 'n' = seq:ts_ms:rollover:monthly:bonus:premium:held (the
 -- deltas), 'st' (..., then day:requests_today:tokens_used_today, so a snapshot keeps the daily
--- cap), then the optional ones (rq request id, ag, mo, in, ou, pj, hl, nt, rf; ik, the stored
+-- cap), then the optional ones (rq request id, ag, mo, in, ou, pj, hl, nt, rf, hx hold expiry; ik, the stored
 -- idempotency record, on the call's last entry, so rehydration can restore it). Few
 -- fields on purpose: every field is two strings for Redis to store and the flusher to parse.
 local function journal(a, kind, dr, dm, db, dp, dh, extra)

@@ -1,6 +1,7 @@
 -- wallet_reserve.lua: hold `tokens` for a call whose cost is known only afterwards. Same checks
 -- as a debit (it counts as a request); the tokens leave the buckets in burn order into a hold
--- that expires after ttl_ms (then released lazily). The hold id is the 'hold' entry's sequence.
+-- that expires after ttl_ms (then released lazily). The hold id is the 'hold' entry's sequence;
+-- the entry's 'hx' field is the expiry (ms), so rehydration can restore the hold.
 -- KEYS: the six account keys (see _wallet.lua).
 -- ARGV: common prefix; 7 tokens, 8 ttl_ms, 9 agent, 10 model, 11 project id.
 -- Reply: {code, hold id, available, held, requests_today, tokens_used_today, retry_after_ms,
@@ -23,7 +24,7 @@ a.h = a.h + tokens
 touch(a, 'h')
 local expires = NOW + ttl
 local seq = journal(a, 'hold', -tr, -tm, -tb, -tp, tokens,
-  {'ag', ARGV[9], 'mo', ARGV[10], 'pj', ARGV[11], 'nt', 'expires ' .. fmt(expires)})
+  {'ag', ARGV[9], 'mo', ARGV[10], 'pj', ARGV[11], 'hx', fmt(expires)})
 local hid = fmt(seq)
 HOLD_SET[hid] = table.concat({fmt(tokens), fmt(tr), fmt(tm), fmt(tb), fmt(tp), fmt(a.per),
                               fmt(expires)}, ':')

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any, Protocol
 
+from meter import _wire as wire
 from meter import keys as keyspace
 from meter._catalog import Catalog, default_catalog
 from meter._clock import Clock, SystemClock, month_end_ms, month_index
@@ -151,10 +152,10 @@ class Meter:
         reply = await self.store.call(op, self._keys(account_id, request_id), argv)
         # missing (lost with Redis data) or not yet verified since Redis started: load or
         # check against the ledger, then run the call again
-        if (reply[0] in ("no_account", "verify") and self.loader is not None
+        if (reply[wire.CODE] in ("no_account", "verify") and self.loader is not None
                 and await self._load(account_id) != "no_account"):
             reply = await self.store.call(op, self._keys(account_id, request_id), argv)
-        code = reply[0]
+        code = reply[wire.CODE]
         if code == "verify":
             raise MeterError(f"account {account_id} could not be verified against the ledger")
         if code == "no_account":
@@ -162,7 +163,7 @@ class Meter:
         if code == "conflict":
             raise IdempotencyConflict(request_id)
         if code == "over_max":
-            raise InvalidInput("tokens", f"exceeds the plan's per-request maximum of {reply[9]}")
+            raise InvalidInput("tokens", f"exceeds the plan's per-request maximum of {reply[wire.X1]}")
         if code == "overflow":
             raise InvalidInput("tokens", "would take the bucket past 2^53")
         return reply
@@ -194,28 +195,27 @@ class Meter:
             fields += [name, value]
         now, month, day = self._now()
         reply = await self.store.call("load", keys, (account_id, now, month, day, "", "", *fields))
-        return str(reply[0])
+        return str(reply[wire.CODE])
 
-    def _decision(self, account_id: str, reply: list[Any]) -> Decision:
-        code = reply[0]
-        if code not in _DECISIONS:
-            raise MeterError(f"unexpected reply {reply!r}")
-        allowed = code == "ok"
+    def _decision(self, account_id: str, raw: list[Any]) -> Decision:
+        if raw[wire.CODE] not in _DECISIONS:
+            raise MeterError(f"unexpected reply {raw!r}")
+        r = wire.decode_reply(raw)
+        allowed = r.code == "ok"
         return Decision(
-            allowed=allowed, reason=code, tokens=int(reply[9]), remaining=int(reply[2]),
-            reserved=int(reply[3]), requests_today=int(reply[4]), tokens_used_today=int(reply[5]),
-            daily_request_limit=int(reply[8]), retry_after_ms=int(reply[6]),
-            replayed=bool(int(reply[7])),
-            transaction_id=f"{account_id}:{reply[1]}" if allowed else None,
+            allowed=allowed, reason=r.code, tokens=r.x1, remaining=r.available, reserved=r.held,
+            requests_today=r.requests_today, tokens_used_today=r.tokens_used_today,
+            daily_request_limit=r.daily_limit, retry_after_ms=r.retry_after_ms, replayed=r.replayed,
+            transaction_id=f"{account_id}:{r.id}" if allowed else None,
         )
 
-    def _receipt(self, account_id: str, reply: list[Any], hold_id: str = "") -> Receipt:
-        if reply[0] == "no_hold":
+    def _receipt(self, account_id: str, raw: list[Any], hold_id: str = "") -> Receipt:
+        if raw[wire.CODE] == "no_hold":
             raise UnknownHold(account_id, hold_id)
+        r = wire.decode_reply(raw)
         return Receipt(
-            transaction_id=f"{account_id}:{reply[1]}", remaining=int(reply[2]),
-            reserved=int(reply[3]), replayed=bool(int(reply[7])), tokens=int(reply[9]),
-            charged=int(reply[9]), uncollected=int(reply[10]),
+            transaction_id=f"{account_id}:{r.id}", remaining=r.available, reserved=r.held,
+            replayed=r.replayed, tokens=r.x1, charged=r.x1, uncollected=r.x2,
         )
 
     # -- operations ------------------------------------------------------------------------------
@@ -232,12 +232,12 @@ class Meter:
             now, month, day = self._now()
             argv = (account_id, now, month, day, "", "", *args)
             reply = await self.store.call("open", self._keys(account_id, ""), (*argv, "probe"))
-            if reply[0] != "no_account":
-                return bool(reply[0] == "ok")
+            if reply[wire.CODE] != "no_account":
+                return bool(reply[wire.CODE] == "ok")
             if await self._load(account_id) != "no_account":
                 return False
         reply = await self._run("open", account_id, "", "", args)
-        return bool(reply[0] == "ok")
+        return bool(reply[wire.CODE] == "ok")
 
     async def debit(
         self,
@@ -289,8 +289,8 @@ class Meter:
         decision = self._decision(account_id, reply)
         if not decision.allowed:
             return decision
-        hold_id = str(reply[1])
-        return Decision(**{**_fields(decision), "hold_id": hold_id, "expires_at_ms": int(reply[10])})
+        r = wire.decode_reply(reply)  # reserve: id is the hold id, x2 its expiry
+        return Decision(**{**_fields(decision), "hold_id": r.id, "expires_at_ms": r.x2})
 
     async def settle(
         self,
@@ -369,9 +369,8 @@ class Meter:
         args = (p.id, p.monthly_tokens, p.daily_requests, p.requests_per_minute, p.max_tokens_per_request,
                 p.rollover_pct, when, check_text("note", note, 300))
         fp = _fingerprint("plan", *args) if rid else ""
-        reply = await self._run("plan", account_id, rid, fp, args)
-        return Receipt(f"{account_id}:{reply[1]}", int(reply[2]), int(reply[3]), bool(int(reply[7])),
-                       tokens=int(reply[9]))
+        r = wire.decode_reply(await self._run("plan", account_id, rid, fp, args))
+        return Receipt(f"{account_id}:{r.id}", r.available, r.held, r.replayed, tokens=r.x1)
 
     async def adjust(self, account_id: str, tokens: int, *, bucket: str = "premium", kind: str = "adjustment",
                      note: str | None = None, reference: str | None = None,
@@ -388,16 +387,16 @@ class Meter:
         rid = check_request_id(request_id)
         args = (buckets[bucket], tokens, kind, check_text("note", note, 500), check_text("reference", reference, 255))
         fp = _fingerprint("adjust", *args) if rid else ""
-        reply = await self._run("adjust", account_id, rid, fp, args)
-        return Receipt(f"{account_id}:{reply[1]}" if int(reply[1]) else "", int(reply[2]), int(reply[3]),
-                       bool(int(reply[7])), tokens=int(reply[9]), uncollected=int(reply[10]))
+        r = wire.decode_reply(await self._run("adjust", account_id, rid, fp, args))
+        return Receipt(f"{account_id}:{r.id}" if int(r.id) else "", r.available, r.held, r.replayed,
+                       tokens=r.x1, uncollected=r.x2)
 
     async def balance(self, account_id: str) -> Balance:
         """The live balance (performs a due month/day reset and hold expiry first)."""
         check_account_id(account_id)
         reply = await self._run("balance", account_id, "", "", ())
         f = dict(zip(reply[1::2], reply[2::2], strict=True))
-        n = {k: int(v) for k, v in f.items() if k not in ("plan", "np")}
+        n = {k: int(v) for k, v in f.items() if k not in wire.TEXT_FIELDS}
         return Balance(
             account_id=account_id, plan=str(f["plan"]), rollover_tokens=n["r"],
             monthly_remaining=n["m"], bonus_tokens=n["b"], premium_tokens=n["p"],
@@ -405,7 +404,7 @@ class Meter:
             requests_today=n["rq"], tokens_used_today=n["ut"], total_requests=n["treq"],
             daily_request_limit=n["dcap"], requests_per_minute=n["rpm"],
             max_tokens_per_request=n["maxreq"], month_reset_ms=month_end_ms(n["per"]),
-            pending_plan=str(f.get("np") or "").split(":")[0],
+            pending_plan=wire.pending_plan_id(str(f.get("np") or "")),
         )
 
     async def snapshot(self, account_id: str) -> dict[str, str]:
@@ -418,7 +417,7 @@ class Meter:
         """Release up to `limit` expired holds of one account; returns how many."""
         check_account_id(account_id)
         reply = await self._run("sweep", account_id, "", "", (check_int("limit", limit),))
-        return int(reply[1])
+        return int(reply[1])  # {'ok', holds released}
 
 
 def _fields(d: Decision) -> dict[str, Any]:

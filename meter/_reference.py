@@ -11,30 +11,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meter import _wire as wire
+
 __all__ = ["ACCOUNT_FIELDS", "ReferenceStore"]
 
 DAY_MS = 86_400_000
 MINUTE_US = 60_000_000
 LAZY_HOLDS = 8
 
-ACCOUNT_FIELDS = ("plan", "allow", "dcap", "rpm", "maxreq", "rpct", "r", "m", "b", "p", "h",
-                  "per", "day", "rq", "ut", "used", "treq", "tat", "seq", "created", "np")
-TEXT_FIELDS = frozenset({"plan", "np"})  # np: a plan change due at the next period
-NUMERIC_FIELDS = tuple(f for f in ACCOUNT_FIELDS if f not in TEXT_FIELDS)
-
-
-@dataclass(slots=True)
-class _Hold:
-    tokens: int
-    r: int
-    m: int
-    b: int
-    p: int
-    per: int
-    exp: int
-
-    def encode(self) -> str:
-        return f"{self.tokens}:{self.r}:{self.m}:{self.b}:{self.p}:{self.per}:{self.exp}"
+ACCOUNT_FIELDS, TEXT_FIELDS, NUMERIC_FIELDS = wire.ACCOUNT_FIELDS, wire.TEXT_FIELDS, wire.NUMERIC_FIELDS
+_Hold = wire.Hold
 
 
 @dataclass(slots=True)
@@ -114,8 +100,7 @@ class ReferenceStore:
         a = c.a
         a["seq"] += 1
         e = {"t": kind, "a": c.account_id, "n": f"{a['seq']}:{c.now}:{dr}:{dm}:{db}:{dp}:{dh}",
-             "st": ":".join(str(a[f]) for f in ("plan", "per", "r", "m", "b", "p", "h", "used", "treq",
-                                                "day", "rq", "ut"))}
+             "st": wire.encode_state(a)}
         if c.request_id:
             e["rq"] = c.request_id
         for k, v in extra:
@@ -153,9 +138,8 @@ class ReferenceStore:
 
     @staticmethod
     def _apply_plan(a: dict[str, Any], spec: str) -> None:
-        plan, *limits = spec.split(":")
-        a["plan"] = plan
-        a["allow"], a["dcap"], a["rpm"], a["maxreq"], a["rpct"] = (int(x) for x in limits)
+        a["plan"], limits = wire.parse_plan_spec(spec)
+        a.update(limits)
 
     @staticmethod
     def _burn(a: dict[str, Any], n: int) -> tuple[int, int, int, int]:
@@ -245,8 +229,8 @@ class ReferenceStore:
         if fp != c.fingerprint:
             return ["conflict"]
         out: list[Any] = body.split("\t")
-        out[2:] = [int(x) for x in out[2:]]
-        out[7] = 1
+        out[wire.AVAILABLE:] = [int(x) for x in out[wire.AVAILABLE:]]
+        out[wire.REPLAYED] = 1
         return out
 
     def _commit(self, c: _Call, out: list[Any] | None = None, holds_changed: bool = False) -> None:
@@ -334,7 +318,7 @@ class ReferenceStore:
         expires = c.now + ttl
         seq = self._journal(c, "hold", -tr, -tm, -tb, -tp, tokens,
                             [("ag", args[2]), ("mo", args[3]), ("pj", args[4]),
-                             ("nt", f"expires {expires}")])
+                             ("hx", str(expires))])
         self._holds(c)[str(seq)] = _Hold(tokens, tr, tm, tb, tp, a["per"], expires)
         out = self._reply(c, "ok", seq, 0, tokens, expires)
         self._commit(c, out, holds_changed=True)
@@ -496,7 +480,7 @@ class ReferenceStore:
         idem: list[tuple[str, str]] = []
         for k, v in zip(args[0::2], args[1::2], strict=True):
             if k.startswith("hold:"):
-                holds[k[5:]] = _Hold(*(int(x) for x in v.split(":")))
+                holds[k[5:]] = _Hold.parse(v)
             elif k.startswith("idem:"):
                 idem.append((c.keys[int(k[5:]) - 1], v))
             else:

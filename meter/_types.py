@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from meter import _wire as wire
+
 __all__ = ["Balance", "Decision", "JournalEntry", "Receipt"]
 
 
@@ -159,6 +161,7 @@ class JournalEntry:
     requests_today: int = 0
     tokens_used_today: int = 0
     idempotency_record: str = ""  # 'ik': the stored answer of the call, on its last entry
+    hold_expires_ms: int | None = None  # 'hx' on a 'hold' entry (older ones: the note 'expires N')
 
     @property
     def transaction_id(self) -> str:
@@ -171,27 +174,19 @@ class JournalEntry:
     @classmethod
     def from_fields(cls, f: dict[str, str]) -> JournalEntry:
         """Parse a stream entry's fields (raises KeyError/ValueError on a malformed entry)."""
-        seq, ts, dr, dm, db, dp, dh = map(int, numbers(f).split(":"))
-        plan, *state = f["st"].split(":")
-        per, r, m, b, p, h, used, treq, *daily = map(int, state)
-        day, rq, ut = daily if daily else (0, 0, 0)
+        seq, ts, dr, dm, db, dp, dh = wire.parse_numbers(f)
+        s = wire.parse_state(f["st"])
         return cls(
             kind=f["t"], account_id=f["a"], seq=seq, delta=dr + dm + db + dp + dh,
             rollover=dr, monthly=dm, bonus=db, premium=dp, held=dh,
-            available_after=r + m + b + p, held_after=h, ts_ms=ts,
-            plan=plan, period=per, rollover_after=r, monthly_after=m, bonus_after=b, premium_after=p,
-            used_after=used, requests_after=treq,
+            available_after=s.available, held_after=s.h, ts_ms=ts,
+            plan=s.plan, period=s.per, rollover_after=s.r, monthly_after=s.m, bonus_after=s.b, premium_after=s.p,
+            used_after=s.used, requests_after=s.treq,
             request_id=f.get("rq", ""), agent=f.get("ag", ""), model=f.get("mo", ""),
             input_tokens=int(f["in"]) if "in" in f else None,
             output_tokens=int(f["ou"]) if "ou" in f else None,
             project_id=f.get("pj", ""), hold_id=f.get("hl", ""), note=f.get("nt", ""),
-            reference=f.get("rf", ""), day=day, requests_today=rq, tokens_used_today=ut,
+            reference=f.get("rf", ""), day=s.day, requests_today=s.rq, tokens_used_today=s.ut,
             idempotency_record=f.get("ik", ""),
+            hold_expires_ms=wire.hold_expiry(f.get("hx"), f.get("nt")) if f["t"] == "hold" else None,
         )
-
-
-def numbers(fields: dict[str, str]) -> str:
-    """An entry's 'n' field, seq:ts_ms:rollover:monthly:bonus:premium:held. Entries written
-    before that field existed (still in a stream during an upgrade) carry q, ts and bk instead."""
-    n = fields.get("n")
-    return n if n is not None else f"{fields['q']}:{fields['ts']}:{fields['bk']}"

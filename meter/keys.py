@@ -10,7 +10,9 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
-__all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "LoginKeys", "account_keys", "idempotency_key", "journal_key",
+__all__ = ["DEFAULT_SHARDS", "PREFIX", "AccountKeys", "LoginKeys", "account_key_pattern", "account_keys",
+           "account_of_key", "dead_letter_key", "idempotency_key",
+           "journal_key",
            "live_key", "login_keys", "promo_failures_key", "registration_address_key", "registration_global_key",
            "revoked_api_key_key", "shard_of", "shard_tag", "stream_slots_key", "sweep_key"]
 
@@ -39,6 +41,11 @@ def shard_tag(shard: int, prefix: str = PREFIX) -> str:
 
 def journal_key(shard: int, prefix: str = PREFIX) -> str:
     return f"{shard_tag(shard, prefix)}:journal"
+
+
+def dead_letter_key(prefix: str = PREFIX) -> str:
+    """Stream of the journal entries the flusher could not write (with the reason)."""
+    return f"{prefix}:deadletter"
 
 
 def sweep_key(shard: int, prefix: str = PREFIX) -> str:
@@ -116,6 +123,16 @@ def account_keys(
         journal=f"{tag}:journal",
         idempotency=idempotency_key(account_id, request_id, shards=shards, prefix=prefix),
     )
+
+
+def account_key_pattern(shard: int, prefix: str = PREFIX) -> str:
+    """SCAN pattern of every account hash of one shard (see account_of_key)."""
+    return f"{shard_tag(shard, prefix)}:a:*"
+
+
+def account_of_key(account_key: str) -> str:
+    """The account id of an account hash key (`<tag>:a:<account>`; the id may contain ':')."""
+    return account_key.split(":a:", 1)[1]
 
 
 def revoked_api_key_key(key_id: str, prefix: str = PREFIX) -> str:

@@ -35,6 +35,7 @@ from redis import exceptions as rexc
 from redis.asyncio import Redis
 
 from meter import keys as keyspace
+from meter.keys import dead_letter_key
 from persistence import metrics
 from persistence.backlog import BacklogMonitor, shard_backlog
 from persistence.db import DatabaseMisconfigured, is_configuration_error, is_transient
@@ -47,7 +48,8 @@ from persistence.ledger import (
     prepare,
 )
 
-__all__ = ["Flusher", "FlusherConfig", "FlusherStats", "dead_letter_key", "default_consumer", "tune_gc"]
+__all__ = ["Flusher", "FlusherConfig", "FlusherStats", "FlusherStopped", "dead_letter_key", "default_consumer",
+           "tune_gc"]
 
 log = logging.getLogger("tokenmeter.flusher")
 
@@ -65,8 +67,9 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def dead_letter_key(prefix: str = keyspace.PREFIX) -> str:
-    return f"{prefix}:deadletter"
+class FlusherStopped(Exception):
+    """Asked to stop while a batch could not be written yet (the database is down): the batch
+    stays pending, unacknowledged, for the next start or a claim."""
 
 
 def default_consumer(suffix: str = "") -> str:
@@ -170,8 +173,8 @@ class Flusher:
                     await self.setup()
                 await self.step()
                 delay = 0.05
-            except DatabaseUnavailable:
-                break  # only raised once stop is set
+            except FlusherStopped:
+                break
             except rexc.ResponseError as exc:
                 if not _lost_group(exc):
                     raise
@@ -208,7 +211,7 @@ class Flusher:
         prefetch, self._prefetch = self._prefetch, None
         try:
             await self._process(await prefetch)
-        except (DatabaseUnavailable, rexc.ResponseError, *_REDIS_DOWN) as exc:
+        except (FlusherStopped, rexc.ResponseError, *_REDIS_DOWN) as exc:
             log.warning("stopping with read entries unwritten (they stay pending): %s", exc)
 
     async def step(self) -> int:
@@ -309,13 +312,18 @@ class Flusher:
         idempotent, so batches may commit in any order)."""
         done = 0
         inflight: list[asyncio.Task[int]] = []
-        for i in range(0, len(entries), self.config.batch):
-            batch = await self._prepare(entries[i:i + self.config.batch])
-            if len(inflight) >= self.config.writers:
+        try:
+            for i in range(0, len(entries), self.config.batch):
+                batch = await self._prepare(entries[i:i + self.config.batch])
+                if len(inflight) >= self.config.writers:
+                    done += await inflight.pop(0)
+                inflight.append(asyncio.ensure_future(self._write_batch(*batch)))
+            while inflight:
                 done += await inflight.pop(0)
-            inflight.append(asyncio.ensure_future(self._write_batch(*batch)))
-        for task in inflight:
-            done += await task
+        finally:  # one batch failed (or stopped): the others end too, their entries unacknowledged
+            for task in inflight:
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
         return done
 
     async def _prepare(self, entries: Sequence[Entry]) -> tuple[list[Entry], list[Prepared]]:
@@ -378,7 +386,7 @@ class Flusher:
                 if not (isinstance(exc, DatabaseUnavailable) or is_transient(exc)):
                     raise
                 if self._stop.is_set():
-                    raise DatabaseUnavailable(str(exc)) from exc
+                    raise FlusherStopped(f"stopped while the database is unavailable: {exc}") from exc
                 self.stats.db_retries += 1
                 metrics.DB_ERRORS.inc()
                 log.warning("database unavailable, retrying batch of %d in %.2fs: %s",

@@ -24,7 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from meter import Catalog
-from meter._types import numbers
+from meter import _wire as wire
 from persistence.db import Database
 from persistence.models import TokenBalance, TokenTransaction
 
@@ -44,7 +44,7 @@ TX_COLUMNS = (
     "tokens_changed", "tokens_after", "held_changed", "held_after", "rollover_delta", "monthly_delta",
     "bonus_delta", "premium_delta", "agent_type", "model_used", "input_tokens", "output_tokens",
     "estimated_cost_usd_micros", "estimated_cost_inr_paise", "request_id", "project_id", "hold_id",
-    "description", "reference", "created_at", "idempotency_record",
+    "description", "reference", "created_at", "idempotency_record", "hold_expires_ms",
 )
 USAGE_KINDS = frozenset({"usage", "settle"})
 
@@ -77,10 +77,10 @@ def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepare
     balances after the change come from the state field 'st'.
     """
     get = fields.get
-    seq, ts, dr, dm, db, dp, dh = map(int, numbers(fields).split(":"))
+    seq, ts, dr, dm, db, dp, dh = wire.parse_numbers(fields)
     state = fields["st"]
-    _, _, r, m, b, p, h = state.split(":", 7)[:7]
-    kind, after, held = fields["t"], int(r) + int(m) + int(b) + int(p), int(h)
+    kind = fields["t"]
+    after, held = wire.balances_after(state)  # all of 'st' is parsed for the newest entry only
     moved = dr + dm + db + dp
     inp, out, model = get("in"), get("ou"), get("mo")
     if inp is not None:
@@ -97,7 +97,8 @@ def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepare
     account = fields["a"]
     row = (f"{account}:{seq}", account, seq, stream_id, kind, after - moved, moved, after, dh,
            held, dr, dm, db, dp, get("ag"), model, inp, out, usd, inr,
-           get("rq"), get("pj"), get("hl"), get("nt"), get("rf"), _moment(ts), get("ik"))
+           get("rq"), get("pj"), get("hl"), get("nt"), get("rf"), _moment(ts), get("ik"),
+           wire.hold_expiry(get("hx"), get("nt")) if kind == "hold" else None)
     return row, state
 
 
@@ -116,13 +117,12 @@ def _snapshots(batch: Sequence[Prepared]) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     snaps = []
     for account, (row, state) in sorted(newest.items()):  # sorted: concurrent flushers lock alike
-        plan, per, r, m, b, p_, h, used, treq, *daily = state.split(":")
-        day, rq, ut = daily if daily else (0, 0, 0)  # entries written before the daily counters
-        snaps.append({"account_id": account, "plan": plan, "period": int(per), "rollover_tokens": int(r),
-                      "monthly_tokens": int(m), "bonus_tokens": int(b), "premium_tokens": int(p_),
-                      "reserved_tokens": int(h), "remaining_tokens": row[7], "used_tokens": int(used),
-                      "total_requests": int(treq), "seq": row[2], "updated_at": now,
-                      "day_index": int(day), "requests_today": int(rq), "tokens_used_today": int(ut)})
+        s = wire.parse_state(state)  # entries written before the daily counters parse with 0s
+        snaps.append({"account_id": account, "plan": s.plan, "period": s.per, "rollover_tokens": s.r,
+                      "monthly_tokens": s.m, "bonus_tokens": s.b, "premium_tokens": s.p,
+                      "reserved_tokens": s.h, "remaining_tokens": row[7], "used_tokens": s.used,
+                      "total_requests": s.treq, "seq": row[2], "updated_at": now,
+                      "day_index": s.day, "requests_today": s.rq, "tokens_used_today": s.ut})
     return snaps
 
 

@@ -116,6 +116,8 @@ class TokenTransaction(Base):
     created_at: Mapped[datetime] = mapped_column()
     # 0006: the call's stored idempotency answer (fingerprint + reply), restored by rehydration
     idempotency_record: Mapped[str | None] = mapped_column(Text)
+    # 0007: a 'hold' entry's expiry (ms, the journal's 'hx'); rehydration restores open holds from it
+    hold_expires_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class TokenPurchase(Base):

@@ -65,9 +65,8 @@ async def reconcile(redis: Redis, db: Database, *, shards: int = keyspace.DEFAUL
     for account_id in known:
         by_shard[keyspace.shard_of(account_id, shards)].add(account_id)
     for shard in range(shards):
-        pattern = f"{keyspace.shard_tag(shard, prefix)}:a:*"
-        async for key in redis.scan_iter(match=pattern, count=1000):
-            by_shard[shard].add(key.split(":a:", 1)[1])
+        async for key in redis.scan_iter(match=keyspace.account_key_pattern(shard, prefix), count=1000):
+            by_shard[shard].add(keyspace.account_of_key(key))
     bar = (progress or (lambda n: Progress("reconcile", n)))(sum(len(v) for v in by_shard.values()))
     checks: list[AccountCheck] = []
     for shard, accounts in sorted(by_shard.items()):

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from sqlalchemy import String, cast, exists, select
 
 from meter import Catalog, JournalEntry, Meter
+from meter import _wire as wire
 from meter import keys as keyspace
 from meter._clock import Clock, SystemClock, month_index
 from persistence.db import Database
@@ -102,7 +103,7 @@ class SnapshotLoader:
 
     async def _open_holds(self, account_id: str) -> dict[str, str]:
         """The account's holds neither settled nor released, from the ledger and the stream, as
-        hold records 'tokens:r:m:b:p:period:expires_ms' by hold id (the 'hold' entry's seq).
+        hold records (meter/_wire.py Hold) by hold id (the 'hold' entry's seq).
         The load script restores them only if they add up to the held balance."""
         tx, closer = TokenTransaction.__table__.alias("h"), TokenTransaction.__table__.alias("c")
         closing = ("settle", "release")
@@ -114,13 +115,14 @@ class SnapshotLoader:
             for row in (await conn.execute(query)).mappings():
                 opened[str(row["seq"])] = _hold_record(
                     row["held_changed"], row["rollover_delta"], row["monthly_delta"], row["bonus_delta"],
-                    row["premium_delta"], _ms(row["created_at"]), row["description"])
+                    row["premium_delta"], _ms(row["created_at"]),
+                    wire.hold_expiry(row["hold_expires_ms"], row["description"]))
             closed: set[str] = set()
             in_stream: dict[str, str | None] = {}
             for e in await self._entries_in_stream(account_id):
                 if e.kind == "hold":
                     in_stream[str(e.seq)] = _hold_record(e.held, e.rollover, e.monthly, e.bonus, e.premium,
-                                                         e.ts_ms, e.note)
+                                                         e.ts_ms, e.hold_expires_ms)
                 elif e.kind in closing and e.hold_id:
                     closed.add(e.hold_id)
             fresh = [hid for hid in in_stream if hid not in opened]
@@ -161,16 +163,15 @@ def _ms(at: datetime) -> int:
     return (at - _EPOCH) // timedelta(milliseconds=1)
 
 
-def _hold_record(tokens: int, dr: int, dm: int, db: int, dp: int, at_ms: int, note: str | None) -> str | None:
-    """A hold's record from its 'hold' journal entry (None when its expiry cannot be read)."""
-    expires = (note or "").removeprefix("expires ")
-    if not expires.isdigit():
+def _hold_record(tokens: int, dr: int, dm: int, db: int, dp: int, at_ms: int, expires: int | None) -> str | None:
+    """A hold's record from its 'hold' journal entry (None when its expiry is unknown)."""
+    if expires is None:
         return None
-    return f"{tokens}:{-dr}:{-dm}:{-db}:{-dp}:{month_index(at_ms)}:{int(expires)}"
+    return wire.Hold(tokens, -dr, -dm, -db, -dp, month_index(at_ms), expires).encode()
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-IDEMPOTENCY_TTL_S = 86_400  # as lua/_wallet.lua IDEM_TTL_S
+IDEMPOTENCY_TTL_S = wire.IDEMPOTENCY_TTL_S
 
 
 async def rehydrate_all(meter: Meter, db: Database, *, progress: Callable[[int], Progress] | None = None

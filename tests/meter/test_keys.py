@@ -45,3 +45,24 @@ def test_shards_spread_over_many_slots() -> None:
     assert len(slots) == keys.DEFAULT_SHARDS
     used = {keys.shard_of(f"user-{i}") for i in range(10_000)}
     assert used == set(range(keys.DEFAULT_SHARDS))
+
+
+def test_only_meter_keys_spells_a_key() -> None:
+    """No other module of the meter or persistence builds a key from the prefix (the flusher's
+    dead-letter stream was the last: keys.dead_letter_key)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spelled = re.compile(r"""f["'][^"']*\{(?:self\.)?prefix\}:|\{keyspace\.shard_tag\(|":a:""")
+    offenders = [str(p.relative_to(root)) for d in ("meter", "persistence") for p in (root / d).rglob("*.py")
+                 if p.name != "keys.py" and spelled.search(p.read_text("utf-8"))]
+    assert offenders == []
+    assert keys.dead_letter_key("tmx") == "tmx:deadletter" and keys.dead_letter_key() == "tm:deadletter"
+
+
+@pytest.mark.parametrize("account", ["u1", "org:42:a:x", "z" * 128])
+def test_account_of_key_inverts_account_keys(account: str) -> None:
+    key = keys.account_keys(account, prefix="tmx").account
+    assert keys.account_of_key(key) == account
+    pattern = keys.account_key_pattern(keys.shard_of(account), "tmx")
+    assert re.fullmatch(re.escape(pattern[:-1]) + ".*", key)

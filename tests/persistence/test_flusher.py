@@ -108,7 +108,7 @@ async def test_malformed_and_poison_entries_go_to_dead_letter(make_meter: MeterF
     await flusher.setup()
     bad_id = await redis.xadd(stream, {"t": "usage", "a": "u1"})  # no seq, no deltas
     await flusher.drain()
-    dead = await redis.xrange(f"{meter.prefix}:deadletter")
+    dead = await redis.xrange(keyspace.dead_letter_key(meter.prefix))
     assert [(d["id"], d["reason"].split(":")[0]) for _, d in dead] == [(bad_id, "malformed entry")]
     assert json.loads(dead[0][1]["fields"]) == {"t": "usage", "a": "u1"}
     assert flusher.stats.flushed == 1  # the welcome entry
@@ -120,7 +120,7 @@ async def test_malformed_and_poison_entries_go_to_dead_letter(make_meter: MeterF
     await asyncio.sleep(0.005)
     await flusher.drain()
     assert (await redis.xpending(stream, "tm-flusher"))["pending"] == 0
-    dead = await redis.xrange(f"{meter.prefix}:deadletter")
+    dead = await redis.xrange(keyspace.dead_letter_key(meter.prefix))
     assert [d["reason"] for _, d in dead] == [dead[0][1]["reason"], "delivered more than 2 times"]
     assert json.loads(dead[1][1]["fields"])["t"] == "usage"
     assert flusher.stats.dead_letters == 2
@@ -337,3 +337,82 @@ async def test_entries_of_the_earlier_format_still_flush(make_meter: MeterFactor
             "av": str(int(r) + int(m) + int(b) + int(p)), "hd": h_after}
         assert JournalEntry.from_fields(old) == JournalEntry.from_fields(f)
         assert prepare(old, eid, meter.catalog) == prepare(f, eid, meter.catalog)
+
+
+async def test_entries_written_before_hx_and_the_daily_counters_flush(make_meter: MeterFactory,
+                                                                     database: Any) -> None:
+    """A 'hold' entry of the previous code (its expiry only in the note 'expires N', and a
+    9-field 'st' without day:rq:ut) still in the stream flushes: the row gets the expiry in
+    hold_expires_ms, the snapshot zero daily counters; the current form gives the same row."""
+    meter = await make_meter("redis")
+    await meter.open_account("old-2")
+    h = await meter.reserve("old-2", 500, ttl_ms=30_000)
+    assert h.hold_id and h.expires_at_ms
+    redis = meter.store.redis  # type: ignore[attr-defined]
+    stream = keyspace.journal_key(keyspace.shard_of("old-2", meter.shards), meter.prefix)
+    flusher = make_flusher(meter, database)
+    await flusher.setup()
+    (hold_id, new), = [(eid, f) for eid, f in await redis.xrange(stream) if f["t"] == "hold"]
+    assert new["hx"] == str(h.expires_at_ms) and "nt" not in new
+    old = {k: v for k, v in new.items() if k != "hx"} | {
+        "a": "old-3", "nt": f"expires {h.expires_at_ms}", "st": ":".join(new["st"].split(":")[:9])}
+    await redis.xadd(stream, old)
+    await flusher.drain()
+    async with database.engine.connect() as conn:
+        got = (await conn.execute(text(
+            "SELECT account_id, hold_expires_ms, description, held_after FROM token_transactions "
+            "WHERE transaction_type = 'hold' ORDER BY account_id"))).all()
+        snaps = (await conn.execute(text(
+            "SELECT account_id, day_index, requests_today, reserved_tokens FROM token_balances "
+            "ORDER BY account_id"))).all()
+    assert [tuple(r) for r in got] == [("old-2", h.expires_at_ms, None, 500),
+                                       ("old-3", h.expires_at_ms, f"expires {h.expires_at_ms}", 500)]
+    day = meter.clock.now_ms() // 86_400_000
+    assert [tuple(r) for r in snaps] == [("old-2", day, 1, 500), ("old-3", 0, 0, 500)]
+    assert flusher.stats.dead_letters == 0 and hold_id
+
+
+async def test_stop_during_a_database_outage_ends_the_loop_with_every_batch_pending(
+        make_meter: MeterFactory, database: Any) -> None:
+    """Stopping has its own signal (FlusherStopped), and the batches in flight beside the one that
+    stopped end with it: none is left running or failing unobserved, none is acknowledged."""
+    import gc
+
+    from persistence.flusher import FlusherStopped
+    from persistence.ledger import DatabaseUnavailable
+
+    class DownWriter(LedgerWriter):  # a database that stays down
+        async def write(self, batch: Any) -> Any:
+            raise DatabaseUnavailable("connection refused")
+
+    meter = await make_meter("redis")
+    redis = meter.store.redis  # type: ignore[attr-defined]
+    accounts = [f"s{i}" for i in range(6)]
+    for a in accounts:
+        await meter.open_account(a)
+    unobserved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unobserved.append(context))
+    try:
+        # batch 1: each entry is its own batch, two in flight at once
+        flusher = Flusher(redis, DownWriter(database, meter.catalog), shards=meter.shards, prefix=meter.prefix,
+                          config=FlusherConfig(block_ms=10, batch=1, writers=2, backoff_max_s=0.02))
+        stop = asyncio.Event()
+        task = asyncio.create_task(flusher.run(stop))
+        for _ in range(200):
+            if flusher.stats.db_retries >= 4:
+                break
+            await asyncio.sleep(0.01)
+        assert flusher.stats.db_retries >= 4
+        stop.set()
+        await asyncio.wait_for(task, 10)  # returns: stopping is not an error
+        with pytest.raises(FlusherStopped):  # what a write raises once stop is set
+            await flusher._write([])
+        assert not [t for t in asyncio.all_tasks() if "_write_batch" in repr(t.get_coro())]
+        gc.collect()
+        assert not unobserved, unobserved
+    finally:
+        loop.set_exception_handler(None)
+    streams = {keyspace.journal_key(keyspace.shard_of(a, meter.shards), meter.prefix) for a in accounts}
+    pending = [(await redis.xpending(s, "tm-flusher"))["pending"] for s in streams]
+    assert sum(pending) == len(accounts) and flusher.stats.flushed == 0

@@ -25,7 +25,7 @@ from persistence.rehydrate import SnapshotLoader, rehydrate_all
 from tests.conftest import MeterFactory, journal_of
 from tests.persistence.test_flusher import make_flusher
 
-HEAD = "0006"
+HEAD = "0007"
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.usefixtures("real_redis")]
 
@@ -97,7 +97,7 @@ async def test_open_holds_survive_rehydration(make_meter: MeterFactory, database
 
 async def test_unknown_holds_come_back_as_bonus_after_rehydration(make_meter: MeterFactory,
                                                                    database: Any) -> None:
-    """When the open holds cannot be told (here: the hold's expiry note is unreadable), the held
+    """When the open holds cannot be told (here: the hold's expiry is lost), the held
     tokens are returned to the bonus bucket and journaled, so the ledger still balances."""
     meter = await make_meter("redis")
     meter.loader = SnapshotLoader(database, meter.store.redis, meter.catalog,  # type: ignore[attr-defined]
@@ -107,7 +107,7 @@ async def test_unknown_holds_come_back_as_bonus_after_rehydration(make_meter: Me
     assert hold.hold_id
     await make_flusher(meter, database).drain()
     async with database.engine.begin() as conn:
-        await conn.execute(text("UPDATE token_transactions SET description = 'garbled' "
+        await conn.execute(text("UPDATE token_transactions SET description = 'garbled', hold_expires_ms = NULL "
                                 "WHERE account_id = 'u1' AND transaction_type = 'hold'"))
     await drop_account_keys(meter, "u1")  # and the stream with it, as when Redis loses its data
     await meter.store.redis.delete(keyspace.journal_key(keyspace.shard_of("u1", meter.shards), meter.prefix))  # type: ignore[attr-defined]
@@ -116,6 +116,34 @@ async def test_unknown_holds_come_back_as_bonus_after_rehydration(make_meter: Me
     assert (bal.remaining_tokens, bal.reserved_tokens, bal.bonus_tokens) == (10_000, 0, 3_000)
     assert (await journal_of(meter, "u1"))[-1].note.startswith("hold lost")
     assert await rehydrate_all(meter, database) == 0  # present now: nothing to do
+
+
+async def test_a_hold_written_before_hx_rehydrates_from_its_note(make_meter: MeterFactory,
+                                                                   database: Any) -> None:
+    """Ledger rows written before the 'hx' field (hold_expires_ms NULL, the expiry only in the
+    note 'expires N') still give back their open hold, with its expiry."""
+    meter = await make_meter("redis")
+    meter.loader = SnapshotLoader(database, meter.store.redis, meter.catalog,  # type: ignore[attr-defined]
+                                  shards=meter.shards, prefix=meter.prefix)
+    await meter.open_account("u1")
+    hold = await meter.reserve("u1", 3_000, ttl_ms=60_000)
+    assert hold.hold_id and hold.expires_at_ms
+    await make_flusher(meter, database).drain()
+    async with database.engine.begin() as conn:
+        stored = (await conn.execute(text("SELECT hold_expires_ms, description FROM token_transactions "
+                                          "WHERE account_id = 'u1' AND transaction_type = 'hold'"))).one()
+        assert tuple(stored) == (hold.expires_at_ms, None)  # the new form: its own column, no note
+        await conn.execute(text(f"UPDATE token_transactions SET hold_expires_ms = NULL, "
+                                f"description = 'expires {hold.expires_at_ms}' "
+                                "WHERE account_id = 'u1' AND transaction_type = 'hold'"))
+    await drop_account_keys(meter, "u1")
+    await meter.store.redis.delete(keyspace.journal_key(keyspace.shard_of("u1", meter.shards), meter.prefix))  # type: ignore[attr-defined]
+    assert await rehydrate_all(meter, database) == 1
+    bal = await meter.balance("u1")
+    assert (bal.remaining_tokens, bal.reserved_tokens) == (7_000, 3_000)
+    meter.clock.advance(60_000)  # type: ignore[attr-defined]  # (a FakeClock) to the restored expiry
+    bal = await meter.balance("u1")
+    assert (bal.remaining_tokens, bal.reserved_tokens) == (10_000, 0)
 
 
 async def test_reconcile_reports_drift_and_missing_accounts(make_meter: MeterFactory, database: Any) -> None:
