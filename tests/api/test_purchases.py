@@ -473,7 +473,9 @@ async def test_a_redis_outage_mid_credit_is_completed_by_the_redelivery(rzp: Api
     assert await premium(rzp, account) == STARTER_TOKENS  # the second attempt reached Redis
     done = await deliver(rzp, body, event_id="evt_out")
     assert done.status_code == 200 and done.json()["outcome"] == "credited"
-    assert calls == [f"purchase:{order['purchase_id']}"] * 3  # the same request id: the third is a replay
+    # The same request id each time. The third delivery replays the credit, or, once the flusher
+    # has written it, finds it in the ledger and does not call the meter at all.
+    assert calls in ([f"purchase:{order['purchase_id']}"] * 2, [f"purchase:{order['purchase_id']}"] * 3)
     assert await premium(rzp, account) == STARTER_TOKENS
     purchases = await history(rzp, auth, "purchase", 1)
     assert len(purchases) == 1

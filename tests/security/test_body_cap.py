@@ -62,11 +62,31 @@ def vm_rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+async def _read_response(reader: asyncio.StreamReader) -> bytes:
+    """The whole response: its head, then Content-Length bytes of body (the head and the body
+    may come in separate reads: one read alone sometimes got only the head)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = await reader.read(65536)
+        if not more:
+            return data
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        more = await reader.read(65536)
+        if not more:
+            break
+        body += more
+    return head + b"\r\n\r\n" + body
+
+
 async def stream_body(port: int, head: bytes, chunk: bytes, count: int, chunked: bool) -> tuple[bytes, int]:
     """Send `head`, then up to `count` chunks, stopping when the server answers or hangs up;
     return (the response, bytes of body sent)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    response = asyncio.ensure_future(asyncio.wait_for(reader.read(65536), 30))
+    response = asyncio.ensure_future(asyncio.wait_for(_read_response(reader), 30))
     sent = 0
     try:
         writer.write(head)
