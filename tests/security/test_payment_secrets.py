@@ -6,6 +6,7 @@ serve` prints the run's secret in its banner and nowhere else."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -25,6 +26,7 @@ import pytest
 from api.payments import payments_of, sign
 from tests.api.conftest import make_settings, running_app
 from tests.api.test_purchases import quick_user
+from tests.processes import start_process, stop_process
 
 pytestmark = pytest.mark.redis
 
@@ -71,8 +73,10 @@ async def test_serve_prints_the_run_secret_only_in_its_banner(tmp_path: Any) -> 
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("TOKENMETER_")}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "dev.py"), "serve", "--port", str(port)], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Its own process group (tests/processes.py): SIGINT would be ignored in a suite run in the
+    # background, and `dev.py serve` runs `tokenmeter serve` as a child.
+    proc = start_process([sys.executable, str(ROOT / "dev.py"), "serve", "--port", str(port)], cwd=tmp_path,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     banner: list[str] = []
     try:
@@ -105,7 +109,11 @@ async def test_serve_prints_the_run_secret_only_in_its_banner(tmp_path: Any) -> 
                 "Content-Type": "application/json", "X-Test-Signature": sign(secret, body)})
             assert paid.status_code == 200 and paid.json()["outcome"] == "credited", paid.text
     finally:
-        proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=20)[0].decode()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            rest = proc.communicate(timeout=20)[0].decode()
+        finally:
+            stop_process(proc)  # SIGKILL to whatever of the group is left
     assert sum(line.count(secret) for line in banner) == 1
     assert secret not in rest, rest  # not in any log line of the running service
