@@ -13,10 +13,11 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["free_port", "running", "start_process", "stop_process"]
+__all__ = ["free_port", "running", "start_process", "stop_process", "wait_healthy"]
 
 
 def free_port() -> int:
@@ -62,3 +63,22 @@ def running(cmd: list[str], grace_s: float = 10.0, **popen: Any) -> Iterator[sub
         yield proc
     finally:
         stop_process(proc, grace_s)
+
+
+async def wait_healthy(client: Any, timeout_s: float = 30.0) -> None:
+    """Wait until the server behind `client` (an httpx.AsyncClient) answers /healthz with 200;
+    fail the test after `timeout_s`."""
+    import asyncio
+
+    import httpx
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if (await client.get("/healthz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.1)
+    pytest.fail("the service did not come up")

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.processes import free_port, start_process, stop_process
+from tests.processes import free_port, start_process, stop_process, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,14 +27,7 @@ async def test_serve_with_no_configuration_answers_healthz_and_a_debit(tmp_path:
                              env=env, stdout=out, stderr=out)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-            for _ in range(200):
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("the service did not come up")
+            await wait_healthy(client)
             svc = {"Authorization": "Bearer serve-test-master-key"}
             r = await client.post("/api/v1/meter/accounts", json={"account_id": "first"}, headers=svc)
             assert r.status_code == 201

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import Api, make_settings, running_app
+from tests.processes import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
@@ -125,14 +126,7 @@ async def test_a_64_mib_body_is_refused_without_being_read(tmp_path: Path) -> No
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-            for _ in range(300):
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("the service did not come up")
+            await wait_healthy(client)
             # warm the register path so its imports and caches are in the baseline
             r = await client.post(REGISTER, json={"email": "warm@example.com", "password": "s3cret-pass"})
             assert r.status_code == 201, r.text

@@ -26,7 +26,7 @@ import pytest
 from api.payments import payments_of, sign
 from tests.api.conftest import make_settings, running_app
 from tests.api.test_purchases import quick_user
-from tests.processes import start_process, stop_process
+from tests.processes import start_process, stop_process, wait_healthy
 
 pytestmark = pytest.mark.redis
 
@@ -90,14 +90,7 @@ async def test_serve_prints_the_run_secret_only_in_its_banner(tmp_path: Any) -> 
                 break
         assert secret, "".join(banner)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            for _ in range(200):
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("the service did not come up")
+            await wait_healthy(client)
             r = await client.post("/api/v1/auth/register", json={"email": "s@example.com", "password": "s3cret-pass"})
             assert r.status_code == 201, r.text
             auth = {"Authorization": f"Bearer {r.json()['access_token']}"}
