@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
 
@@ -46,6 +46,8 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
         catalog = load_catalog(settings.catalog) if settings.catalog else default_catalog()
+        if settings.strict_labels is not None:
+            catalog = replace(catalog, strict_labels=settings.strict_labels)
         db = Database(settings.database_url)
         url = settings.redis_url or "fakeredis://"
         meter = await Meter.connect(url, timeout_ms=settings.redis_timeout_ms,

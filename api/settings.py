@@ -21,6 +21,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "TOKENMETER_DATABASE_URL"),
         description="postgresql://... (asyncpg) or sqlite:///file (aiosqlite)")
     catalog: str | None = Field(default=None, description="path of a catalog TOML file")
+    strict_labels: bool | None = Field(
+        default=None, description="true: refuse model/agent labels the catalog does not know (422); false: "
+                                  "accept, record, price 0 and flag them `unpriced`; unset: the catalog's own "
+                                  "`strict_labels` (false by default)")
     shards: int = Field(default=64, ge=1, le=16384, description="journal shards; fixed at deploy")
     key_prefix: str = Field(default="tm", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     redis_timeout_ms: int = Field(default=100, ge=10, le=60_000,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,13 @@ class Model:
     name: str
     input_usd_micros_per_mtok: int
     output_usd_micros_per_mtok: int
+    cached_input_usd_micros_per_mtok: int | None = None  # None: cached input is priced as input
+
+
+# A model or agent label the catalog does not know: accepted (priced 0, flagged `unpriced`)
+# unless the catalog is strict. The ledger's columns hold 64 characters.
+LABEL_RE = re.compile(r"[A-Za-z0-9._:/@+-]{1,64}")
+_ALIAS_SEPARATORS = "-@:"  # gpt-4o-2024-08-06, claude-3-5-sonnet@20240620, ...:free
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,11 @@ class Catalog:
     models: dict[str, Model]
     inr_paise_per_usd: int
     project_estimate_tokens: int = 0  # 0 = the sum of the agents' estimates
+    strict_labels: bool = False  # refuse unknown model and agent labels (422) instead of flagging them
+    _by_lower: dict[str, Model] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_lower", {k.lower(): v for k, v in self.models.items()})
 
     def plan(self, plan_id: str) -> Plan:
         try:
@@ -77,23 +89,64 @@ class Catalog:
             raise InvalidInput("plan", f"unknown plan {plan_id!r}; known: {sorted(self.plans)}") from None
 
     def check_agent(self, agent: str | None) -> None:
-        if agent is not None and agent not in self.agents:
+        """A catalog agent, or (unless strict) any label of A-Z a-z 0-9 . _ : / @ + - up to 64."""
+        if agent is None or agent in self.agents:
+            return
+        if self.strict_labels:
             raise InvalidInput("agent", f"unknown agent {agent!r}; known: {sorted(self.agents)}")
+        if not isinstance(agent, str) or not LABEL_RE.fullmatch(agent):
+            raise InvalidInput("agent", "must be 1-64 characters of A-Z a-z 0-9 . _ : / @ + -")
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.models:
+        """A priced model (exact or dated alias), or (unless strict) any label as for agents."""
+        if model is None or self.model(model) is not None:
+            return
+        if self.strict_labels:
             raise InvalidInput("model", f"unknown model {model!r}; known: {sorted(self.models)}")
+        if not isinstance(model, str) or not LABEL_RE.fullmatch(model):
+            raise InvalidInput("model", "must be 1-64 characters of A-Z a-z 0-9 . _ : / @ + -")
 
-    def cost_usd_micros(self, model: str, input_tokens: int, output_tokens: int) -> int:
-        """Estimated cost in micro-dollars, rounded half up. Unknown model costs nothing."""
-        m = self.models.get(model)
+    def model(self, name: str) -> Model | None:
+        """The price entry of a model name: exact (case-insensitive), else the longest catalog
+        name that is a prefix ending at a separator (`gpt-4o-mini-2024-07-18` → `gpt-4o-mini`,
+        `claude-3-5-sonnet-20241022` → `claude-3-5-sonnet`), also after a provider prefix
+        (`openai/gpt-4o`). None when unpriced."""
+        return _match_model(self._by_lower, name) if isinstance(name, str) else None
+
+    def is_priced(self, model: str | None) -> bool:
+        return model is None or self.model(model) is not None
+
+    def cost_usd_micros(self, model: str, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> int:
+        """Estimated cost in micro-dollars, rounded half up. An unpriced model costs nothing.
+        `cached_tokens` are the part of `input_tokens` read from the provider's prompt cache."""
+        m = self.model(model)
         if m is None:
             return 0
-        scaled = input_tokens * m.input_usd_micros_per_mtok + output_tokens * m.output_usd_micros_per_mtok
+        cached = min(max(cached_tokens, 0), input_tokens)
+        cached_rate = m.input_usd_micros_per_mtok if m.cached_input_usd_micros_per_mtok is None \
+            else m.cached_input_usd_micros_per_mtok
+        scaled = ((input_tokens - cached) * m.input_usd_micros_per_mtok + cached * cached_rate
+                  + output_tokens * m.output_usd_micros_per_mtok)
         return (scaled + 500_000) // 1_000_000
 
     def usd_micros_to_inr_paise(self, usd_micros: int) -> int:
         return (usd_micros * self.inr_paise_per_usd + 500_000) // 1_000_000
+
+
+def _match_model(models: dict[str, Model], name: str) -> Model | None:
+    low = name.lower()
+    if "/" in low and low not in models:
+        low = low.rsplit("/", 1)[1]
+    exact = models.get(low)
+    if exact is not None:
+        return exact
+    best: Model | None = None
+    best_len = 0
+    for known, m in models.items():  # a few dozen entries; only names outside the table get here
+        n = len(known)
+        if n > best_len and len(low) > n and low[n] in _ALIAS_SEPARATORS and low.startswith(known):
+            best, best_len = m, n
+    return best
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -164,8 +217,11 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
     models = {}
     for mid, t in _section(data, "models").items():
         w = f"models.{mid}"
+        if not LABEL_RE.fullmatch(mid):
+            raise CatalogError(f"[{w}]: a model id is 1-64 of A-Z a-z 0-9 . _ : / @ + -")
+        cached = _int(w, t, "cached_input_usd_micros_per_mtok") if "cached_input_usd_micros_per_mtok" in t else None
         models[mid] = Model(mid, _str(w, t, "name", mid), _int(w, t, "input_usd_micros_per_mtok"),
-                            _int(w, t, "output_usd_micros_per_mtok"))
+                            _int(w, t, "output_usd_micros_per_mtok"), cached)
     agents = {}
     for aid, t in _section(data, "agents").items():
         w = f"agents.{aid}"
@@ -176,7 +232,10 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
     rate = _int("catalog", data, "inr_paise_per_usd", low=1)
     project = _int("catalog", data, "project_estimate_tokens", default=0)
     project = project or sum(a.estimate_tokens for a in agents.values())
-    return Catalog(plans, packs, promos, agents, models, rate, project)
+    strict = data.get("strict_labels", False)
+    if not isinstance(strict, bool):
+        raise CatalogError("catalog.strict_labels: must be true or false")
+    return Catalog(plans, packs, promos, agents, models, rate, project, strict)
 
 
 def load_catalog(path: str | Path | None = None) -> Catalog:

@@ -26,6 +26,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError
 from meter import Catalog
 from meter import _wire as wire
 from persistence.db import Database
+from persistence.metrics import UNPRICED
 from persistence.models import TokenBalance, TokenTransaction
 
 __all__ = [
@@ -93,6 +94,8 @@ def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepare
             usd = catalog.cost_usd_micros(model, 0, -(moved + dh))
         else:
             usd = catalog.cost_usd_micros(model, inp or 0, out or 0)
+        if not usd and not catalog.is_priced(model):
+            UNPRICED.inc()
         inr = catalog.usd_micros_to_inr_paise(usd)
     account = fields["a"]
     row = (f"{account}:{seq}", account, seq, stream_id, kind, after - moved, moved, after, dh,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = ["BATCH_SIZE", "CONSUMERS_REMOVED", "DB_ERRORS", "DEAD_LETTERS", "DUPLICATES", "FLUSHED", "FORKS",
-           "GROUPS_RECREATED", "LAG_SECONDS", "PENDING", "UNDELIVERED"]
+           "GROUPS_RECREATED", "LAG_SECONDS", "PENDING", "UNDELIVERED", "UNPRICED"]
 
 FLUSHED = Counter("tokenmeter_flusher_entries_flushed_total", "Journal entries written to the database")
 DUPLICATES = Counter("tokenmeter_flusher_duplicates_total", "Entries already in the database (redelivered)")
@@ -26,3 +26,5 @@ GROUPS_RECREATED = Counter("tokenmeter_flusher_groups_recreated_total",
                            "Consumer groups created again after a stream or group vanished (FLUSHALL, DEL)")
 CONSUMERS_REMOVED = Counter("tokenmeter_flusher_consumers_removed_total",
                             "Idle consumers without pending entries removed from the groups")
+UNPRICED = Counter("tokenmeter_unpriced_usage_total",
+                   "Usage entries written with a model the catalog does not price (costed 0)")

@@ -104,7 +104,9 @@ async def analytics(account_id: str = Depends(current_user), state: AppState = D
         q = q.where(tx.created_at >= since)
     if until:
         q = q.where(tx.created_at < until)
-    used = added = count = requests = usd = inr = 0
+    used = added = count = requests = usd = inr = unpriced_requests = unpriced_tokens = 0
+    unpriced_models: set[str] = set()
+    catalog = state.rt.catalog
     by_agent: dict[str, int] = defaultdict(int)
     by_model: dict[str, int] = defaultdict(int)
     by_day: dict[str, int] = defaultdict(int)
@@ -120,6 +122,10 @@ async def analytics(account_id: str = Depends(current_user), state: AppState = D
                 by_agent[agent or "other"] += spent
                 by_model[model or "unspecified"] += spent
                 by_day[at.date().isoformat()] += spent
+                if model and not catalog.is_priced(model):  # accepted, recorded, costed 0: flagged
+                    unpriced_requests += 1
+                    unpriced_tokens += spent
+                    unpriced_models.add(model)
             elif changed > 0 and kind not in ("release", "rollover"):
                 added += changed
     return {
@@ -128,6 +134,7 @@ async def analytics(account_id: str = Depends(current_user), state: AppState = D
         "estimated_cost": {"usd": _money(usd, 6), "inr": _money(inr, 2), "usd_micros": usd, "inr_paise": inr},
         "average_tokens_per_request": round(used / requests, 2) if requests else 0.0,
         "usage_per_day": dict(sorted(by_day.items())),
+        "unpriced": {"requests": unpriced_requests, "tokens": unpriced_tokens, "models": sorted(unpriced_models)},
     }
 
 

@@ -110,7 +110,7 @@ async def test_error_statuses(api: Api) -> None:
     assert r.status_code == 422 and r.json()["field"] == "tokens"
     r = await debit({"account_id": "e 1", "tokens": 1})
     assert r.status_code == 422 and r.json()["field"] == "account_id"
-    r = await debit({"account_id": "e1", "tokens": 1, "agent": "nope"})
+    r = await debit({"account_id": "e1", "tokens": 1, "agent": "no pe"})
     assert r.status_code == 422 and r.json()["field"] == "agent"
     r = await debit({"tokens": 1})
     assert r.status_code == 422 and r.json()["field"] == "account_id"
