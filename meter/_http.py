@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 from meter import _errors as errors
-from meter._clock import DAY_MS
+from meter._clock import DAY_MS, month_end_ms, month_index
 from meter._types import Decision
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "error_body",
     "error_parts",
     "field_names",
+    "go_duration",
     "insufficient_body",
     "process_time",
     "send_json",
@@ -121,16 +122,61 @@ def denial_body(d: Decision, packages_url: str = PACKAGES_URL) -> dict[str, obje
             "requests_today": d.requests_today, "retry_after_ms": d.retry_after_ms}
 
 
+_month_span = (0, 0)  # [start, end) of the month last asked about: the hot path skips the calendar
+
+
+def _month_end(now_ms: int) -> int:
+    """The first millisecond of the UTC month after the one of `now_ms`."""
+    global _month_span
+    start, end = _month_span
+    if not start <= now_ms < end:
+        month = month_index(now_ms)
+        start, end = month_end_ms(month - 1), month_end_ms(month)
+        _month_span = (start, end)
+    return end
+
+
+def go_duration(ms: int) -> bytes:
+    """A duration as OpenAI's x-ratelimit-reset-* spell it: 20ms, 1s, 6m0s, 3h2m1s."""
+    if ms < 1000:
+        return b"%dms" % max(ms, 0)
+    s = ceil_s(ms)
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return b"%dh%dm%ds" % (h, m, s)
+    return b"%dm%ds" % (m, s) if m else b"%ds" % s
+
+
 def decision_headers(d: Decision, now_ms: int) -> list[Header]:
-    """The X-Tokens headers, the RateLimit headers of the plan's daily window when it has one
-    (reset at the next UTC midnight of `now_ms`, the meter's clock), Retry-After when capped."""
-    headers = [(b"x-tokens-remaining", b"%d" % d.remaining), (b"x-tokens-used-today", b"%d" % d.tokens_used_today),
+    """The X-Tokens headers; the rate-limit headers a gateway can pass through, for the token
+    balance (limit = the balance when asked, reset = the next monthly allowance) and, when the plan
+    has one, the daily request cap (reset at the next UTC midnight of `now_ms`, the meter's
+    clock): OpenAI's x-ratelimit-*-{requests,tokens}, the IETF draft's RateLimit-Policy and
+    RateLimit, and its older RateLimit-Limit/-Remaining/-Reset; Retry-After when capped."""
+    remaining = d.remaining
+    headers = [(b"x-tokens-remaining", b"%d" % remaining), (b"x-tokens-used-today", b"%d" % d.tokens_used_today),
                (b"x-requests-today", b"%d" % d.requests_today)]
+    balance = remaining + d.tokens if d.allowed else remaining
+    month_ms = _month_end(now_ms) - now_ms
+    policy = b'"tokens";q=%d;w=%d' % (balance, ceil_s(month_ms))
+    state = b'"tokens";r=%d;t=%d' % (remaining, ceil_s(month_ms))
     limit = d.daily_request_limit
     if limit:
-        headers += [(b"ratelimit-limit", b"%d" % limit),
-                    (b"ratelimit-remaining", b"%d" % max(limit - d.requests_today, 0)),
-                    (b"ratelimit-reset", b"%d" % ceil_s(DAY_MS - now_ms % DAY_MS))]
+        left = max(limit - d.requests_today, 0)
+        day_ms = DAY_MS - now_ms % DAY_MS
+        day_s = b"%d" % ceil_s(day_ms)
+        headers += [(b"x-ratelimit-limit-requests", b"%d" % limit), (b"x-ratelimit-remaining-requests", b"%d" % left),
+                    (b"x-ratelimit-reset-requests", go_duration(day_ms))]
+        policy = b'"daily";q=%d;w=86400, ' % limit + policy
+        state = b'"daily";r=%d;t=%s, ' % (left, day_s) + state
+        legacy = [(b"ratelimit-limit", b"%d" % limit), (b"ratelimit-remaining", b"%d" % left),
+                  (b"ratelimit-reset", day_s)]
+    else:
+        legacy = []
+    headers += [(b"x-ratelimit-limit-tokens", b"%d" % balance), (b"x-ratelimit-remaining-tokens", b"%d" % remaining),
+                (b"x-ratelimit-reset-tokens", go_duration(month_ms)),
+                (b"ratelimit-policy", policy), (b"ratelimit", state), *legacy]
     if not d.allowed and d.reason != "insufficient":  # daily_cap | rate_limited
         headers.append((b"retry-after", b"%d" % ceil_s(d.retry_after_ms)))
     return headers

@@ -184,7 +184,7 @@ async def test_an_oversized_body_is_refused_without_a_charge(api: Api) -> None:
 
 Raw = tuple[int, bytes, list[tuple[bytes, bytes]]]
 _APP_HEADERS = [(b"content-type", b"text/plain"), (b"content-length", b"5")]
-_METERING = (b"x-tokens-", b"x-requests-", b"ratelimit-", b"retry-after", b"x-process-time")
+_METERING = (b"x-tokens-", b"x-requests-", b"x-ratelimit-", b"ratelimit", b"retry-after", b"x-process-time")
 
 
 async def _hello(scope: Any, receive: Any, send: Any) -> None:

@@ -321,7 +321,10 @@ async def test_body_streams_through_unbuffered(backend: str, make_meter: MeterFa
     names = [name for name, _ in sent[0]["headers"]]
     assert names[:2] == [b"content-type", b"x-app"]  # the app's headers first, kept as they were
     assert set(names[2:]) == {b"x-tokens-remaining", b"x-tokens-used-today", b"x-requests-today",
-                              b"ratelimit-limit", b"ratelimit-remaining", b"ratelimit-reset", b"x-process-time"}
+                              b"ratelimit-limit", b"ratelimit-remaining", b"ratelimit-reset", b"x-process-time",
+                              b"ratelimit-policy", b"ratelimit", *(b"x-ratelimit-%s-%s" % (what, of)
+                                                                   for what in (b"limit", b"remaining", b"reset")
+                                                                   for of in (b"requests", b"tokens"))}
 
 
 @pytest.mark.parametrize(("options", "error"), [
