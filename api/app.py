@@ -87,10 +87,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(PrivateHeaders)  # nosniff, no-store; inside the fast path, which adds its own
     app.add_middleware(MeterFastPath)  # POST /api/v1/meter/debit without the framework's per-request work
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # added last = outermost
-    from api.routes import admin, auth, meter, ops, plans, projects, purchases, tokens
+    from api.routes import admin, auth, gateway, meter, ops, plans, projects, purchases, tokens
 
     app.include_router(ops.router)
     app.include_router(meter.router)  # the hot path first: routes are matched in order
+    app.include_router(gateway.router)
     app.include_router(auth.router)
     app.include_router(tokens.router)
     app.include_router(purchases.router)

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
                                 description="request bodies over this are refused with 413 before they are "
                                             "read in full (every route; the debit keeps its 16 KiB cap)")
     hold_ttl_ms: int = Field(default=300_000, ge=1, le=86_400_000)
+    gateway_default_tokens: int = Field(
+        default=1_000, ge=1, le=1_000_000,
+        description="tokens a gateway check asks for when the request has no X-Tokenmeter-Tokens header")
     flusher: str = Field(default="inprocess", pattern="^(inprocess|external)$",
                          description="inprocess: the service flushes; external: `tokenmeter flusher` does")
     flusher_batch: int = Field(default=8_000, ge=1, le=100_000,
