@@ -138,7 +138,8 @@ def _refusal(status: int, body: dict[str, Any], headers: list[Header], deny_403:
         headers = [*headers, (b"x-tokenmeter-reason", reason.encode())] \
             if not any(n == b"x-tokenmeter-reason" for n, _ in headers) else headers
         if "message" in body:
-            headers.append((b"x-tokenmeter-message", str(body["message"]).encode("ascii", "replace")[:200]))
+            message = str(body["message"]).replace('"', "'").replace("\\", "/")  # safe inside a JSON string
+            headers.append((b"x-tokenmeter-message", message.encode("ascii", "replace")[:200]))
         status = 403
     return json_response(status, body, [*headers, process_time(start)])
 
