@@ -51,6 +51,7 @@ from loadtests.bench_http_report import paced, print_peak
 from loadtests.bench_http_wrk import run_wrk
 
 ROOT = Path(__file__).resolve().parent.parent
+CHECK_PATH = "/api/v1/gateway/check"  # the gateway check (headers only), next to the JSON debit
 
 
 
@@ -202,8 +203,10 @@ def bench(args: argparse.Namespace) -> None:
         drained = drain()
         again, _ = run_wrk(args, tmp, base, BARE_PATH, args.seconds, server_pid=pid)
         asgi, _ = run_wrk(args, tmp, base, BARE_ASGI_PATH, args.seconds, server_pid=pid)
-        print_peak(args, {"bare": bare, "debit": debit, "again": again, "asgi": asgi}, [bare_cmd, debit_cmd],
-                   drained)
+        check, _ = run_wrk(args, tmp, base, CHECK_PATH, args.seconds, server_pid=pid, gateway=True)
+        drain()
+        print_peak(args, {"bare": bare, "debit": debit, "again": again, "asgi": asgi, "check": check},
+                   [bare_cmd, debit_cmd], drained)
 
         target = bare["rps"] * 0.5
         pd = paced(args, tmp, base, pid, drain, target, "at 50% of the bare peak")

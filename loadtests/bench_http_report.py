@@ -55,10 +55,16 @@ def print_peak(args: argparse.Namespace, runs: dict[str, dict[str, float]], comm
     print(row("debit  POST /api/v1/meter/debit", debit, f"   ({drained} after)"))
     print(row("bare   again (drift)", again))
     print(row("bare   POST /bare-asgi (pure ASGI)", asgi))
+    check = runs.get("check")
+    if check:
+        print(row("check  GET /api/v1/gateway/check", check))
     print(f"  ratio debit / bare: {debit['rps'] / bare['rps']:.2f}   (against the second bare run: "
           f"{debit['rps'] / again['rps']:.2f})")
     print(f"  ratio debit / bare pure-ASGI endpoint: {debit['rps'] / asgi['rps']:.2f}   (the debit is "
           "served as pure ASGI by api/fastpath.py; this is what the meter call itself costs)")
+    if check:
+        print(f"  ratio gateway check / JSON debit: {check['rps'] / debit['rps']:.2f}   (the same meter call "
+              "from headers, through FastAPI's router rather than the debit's pure-ASGI fast path)")
     if bare["cpu_us"] and debit["cpu_us"]:
         print(f"  server CPU per request debit / bare: {debit['cpu_us'] / bare['cpu_us']:.2f}  (CPU time of the "
               "server process, in-process flusher included: steadier than req/s on a busy machine)")
