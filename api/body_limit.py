@@ -37,15 +37,20 @@ def _body(max_bytes: int) -> dict[str, object]:
 class BodySizeLimit:
     """Refuse request bodies over `max_bytes` with 413 `payload_too_large`."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = tuple((larger or {}).items())  # (path prefix, cap): routes that take bigger bodies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         max_bytes = self.max_bytes
+        for prefix, cap in self.larger:
+            if scope["path"].startswith(prefix):
+                max_bytes = max(max_bytes, cap)
+                break
         for name, value in scope["headers"]:
             if name == _CONTENT_LENGTH:
                 if value.isdigit() and int(value) > max_bytes:
