@@ -367,6 +367,8 @@ def parser() -> argparse.ArgumentParser:
     al.add_argument("query", nargs="?")
     al.add_argument("--limit", type=int, default=50)
     ad.set_defaults(fn=cmd_admin)
+    sub.add_parser("loadtest", help="Locust load test that checks the books (tokenmeter loadtest --help)",
+                   add_help=False)
     b = sub.add_parser("balance", help="print an account's live balance")
     b.add_argument("account_id")
     b.set_defaults(fn=cmd_balance)
@@ -374,6 +376,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:  # its own options (loadtests/loadtest.py); Locust runs in a subprocess
+        from loadtests.loadtest import main as loadtest
+
+        return loadtest(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
