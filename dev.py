@@ -50,7 +50,7 @@ def ensure_venv() -> None:
 def test(args: list[str]) -> int:
     steps = [
         ("ruff", [BIN / "ruff", "check", "meter", "api", "persistence", "loadtests", "tests"]),
-        ("mypy", [BIN / "mypy", "meter"]),
+        ("mypy", [BIN / "mypy", "meter", "api", "persistence"]),
     ]
     for name, cmd in steps:
         print(f"dev.py: {name}", flush=True)

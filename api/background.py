@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge
 from api.runtime import Runtime
 from api.settings import Settings
 from meter import keys as keyspace
+from persistence import replies
 from persistence.backlog import BacklogMonitor
 
 __all__ = ["Background", "JobStatus", "SupervisedTask", "sweep_expired_holds"]
@@ -40,7 +41,7 @@ JOB_LAST_SUCCESS = Gauge("tokenmeter_job_last_success_timestamp_seconds",
 RECONCILE_DRIFT = Gauge("tokenmeter_reconcile_drifting_accounts",
                         "Accounts whose Redis balance differed from the ledger at the last scheduled reconcile")
 
-Runner = Callable[[asyncio.Event], Awaitable[None]]
+Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 Job = Callable[[], Awaitable[None]]
 
 
@@ -208,7 +209,7 @@ async def sweep_expired_holds(rt: Runtime, per_shard: int = 100) -> None:
     for shard in range(rt.settings.shards):
         due = await rt.redis.zrangebyscore(keyspace.sweep_key(shard, rt.settings.key_prefix), "-inf", now,
                                            start=0, num=per_shard)
-        for account_id in due:
+        for account_id in replies.texts(due):
             await rt.meter.sweep_account(account_id)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from starlette.exceptions import HTTPException
+from fastapi import HTTPException  # its detail may be a JSON body (a subclass of Starlette's)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body

@@ -292,8 +292,8 @@ async def cmd_admin(args: argparse.Namespace) -> int:
             if a.query:
                 q = q.where(or_(Account.id.like(f"{a.query}%"), Account.email.like(f"{a.query.lower()}%")))
             async with rt.db.sessions() as session:
-                for row in (await session.execute(q)).scalars():
-                    print(f"{row.id}\t{row.email or '-'}\t{row.plan}")
+                for acct in (await session.execute(q)).scalars():
+                    print(f"{acct.id}\t{acct.email or '-'}\t{acct.plan}")
         return 0
 
     return int(await _with_runtime(args, run))

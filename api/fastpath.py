@@ -124,6 +124,6 @@ async def _handled(app: Any, scope: Scope, exc: Exception) -> Response:
 def _error_code(response: Response) -> str:
     """The `error` word of our JSON error bodies, for the outcome label."""
     try:
-        return str(json.loads(response.body).get("error", response.status_code))
+        return str(json.loads(bytes(response.body)).get("error", response.status_code))
     except (ValueError, AttributeError):
         return str(response.status_code)

@@ -27,7 +27,7 @@ import logging
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,7 +273,8 @@ class Flusher:
                                  "COUNT", max(1, self.config.batch // 16)]
         if block is not None:
             args += ["BLOCK", block]
-        return _entries(await self._raw.execute_command(
+        send: Callable[..., Awaitable[Any]] = self._raw.execute_command  # untyped in redis-py
+        return _entries(await send(
             "XREADGROUP", *args, "STREAMS", *self.streams, *[start] * len(self.streams)))
 
     async def _claim(self) -> int:
@@ -465,8 +466,8 @@ class Flusher:
         return removed
 
 
-def _as_is(reply: Any, **_: Any) -> Any:
-    return reply
+def _as_is(response: Any, **_: Any) -> Any:  # named as redis-py's ResponseCallbackProtocol
+    return response
 
 
 def _entries(reply: Any) -> list[Entry]:

@@ -83,11 +83,9 @@ def prepare(fields: dict[str, str], stream_id: str, catalog: Catalog) -> Prepare
     kind = fields["t"]
     after, held = wire.balances_after(state)  # all of 'st' is parsed for the newest entry only
     moved = dr + dm + db + dp
-    inp, out, model = get("in"), get("ou"), get("mo")
-    if inp is not None:
-        inp = int(inp)
-    if out is not None:
-        out = int(out)
+    given_in, given_out, model = get("in"), get("ou"), get("mo")
+    inp = None if given_in is None else int(given_in)
+    out = None if given_out is None else int(given_out)
     usd = inr = 0
     if model and kind in USAGE_KINDS:
         if inp is None and out is None:  # no split given: priced as output, the conservative estimate
@@ -197,7 +195,7 @@ class LedgerWriter:
         snap_cols = list(snaps[0])
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in snap_cols if c != "account_id")
         async with self.db.engine.connect() as conn:
-            raw = (await conn.get_raw_connection()).driver_connection
+            raw = _asyncpg_connection((await conn.get_raw_connection()).driver_connection)
             async with raw.transaction():  # one asyncpg transaction for everything below
                 await raw.execute(  # temp tables live as long as the connection
                     f"CREATE TEMP TABLE IF NOT EXISTS tm_stage AS SELECT {cols} FROM token_transactions "
@@ -235,3 +233,10 @@ class LedgerWriter:
     async def ping(self) -> None:
         async with self.db.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
+
+
+def _asyncpg_connection(driver_connection: object) -> asyncpg.Connection:
+    """The asyncpg connection under SQLAlchemy's (the COPY path is used only on PostgreSQL)."""
+    if not isinstance(driver_connection, asyncpg.Connection):
+        raise TypeError(f"the COPY path needs an asyncpg connection, got {type(driver_connection).__name__}")
+    return driver_connection

@@ -19,6 +19,7 @@ from meter import Catalog, JournalEntry, Meter
 from meter import _wire as wire
 from meter import keys as keyspace
 from meter._clock import Clock, SystemClock, month_index
+from persistence import replies
 from persistence.db import Database
 from persistence.models import TokenBalance, TokenTransaction
 
@@ -137,24 +138,24 @@ class SnapshotLoader:
         stream = keyspace.journal_key(keyspace.shard_of(account_id, self.shards), self.prefix)
         out, start = [], "-"
         while True:
-            page = await self.redis.xrange(stream, min=start, max="+", count=1000)
-            out += [JournalEntry.from_fields(f) for _, f in page if f.get("a") == account_id]
+            page = await self.redis.xrange(stream, min=start, max="+", count=1000) or []
+            out += [JournalEntry.from_fields(replies.fields(f)) for _, f in page if f and f.get("a") == account_id]
             if len(page) < 1000:
                 return out
-            start = f"({page[-1][0]}"
+            start = f"({replies.text(page[-1][0])}"
 
     async def _newest_in_stream(self, account_id: str, after_seq: int) -> JournalEntry | None:
         stream = keyspace.journal_key(keyspace.shard_of(account_id, self.shards), self.prefix)
         last = "+"
         while True:
-            page = await self.redis.xrevrange(stream, max=last, min="-", count=1000)
+            page = await self.redis.xrevrange(stream, max=last, min="-", count=1000) or []
             for _, fields in page:
-                if fields.get("a") == account_id:
-                    entry = JournalEntry.from_fields(fields)
+                if fields and fields.get("a") == account_id:
+                    entry = JournalEntry.from_fields(replies.fields(fields))
                     return entry if entry.seq > after_seq else None
             if len(page) < 1000:
                 return None
-            last = f"({page[-1][0]}"
+            last = f"({replies.text(page[-1][0])}"
 
 
 def _ms(at: datetime) -> int:

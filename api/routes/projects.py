@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from api.agents import AgentRunner, SimulatedAgentRunner
@@ -44,7 +44,7 @@ async def create_project(body: ProjectIn, account_id: str = Depends(current_user
 @router.post("/{project_id}/execute", summary="Run the agents in order, metering each one",
              responses={402: {"description": "insufficient tokens (the brief's body)"}})
 async def execute(project_id: str, account_id: str = Depends(current_user),
-                  state: AppState = Depends(app_state)) -> JSONResponse:
+                  state: AppState = Depends(app_state)) -> Response:
     rt = state.rt
     async with rt.db.sessions() as session:
         project = await session.get(Project, project_id)

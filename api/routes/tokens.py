@@ -27,6 +27,7 @@ from api.metering import json_response, metered_headers
 from api.state import AppState, app_state
 from meter import StoreUnavailable
 from meter import keys as keyspace
+from persistence import replies
 from persistence.journaled import journaled_change
 from persistence.models import PromoCode, PromoRedemption, TokenTransaction
 
@@ -37,7 +38,7 @@ USAGE_TYPES = ("usage", "settle")
 
 def _money(minor: int, places: int) -> Decimal:
     """Integer minor units as an exact decimal for display (2 places)."""
-    return (Decimal(minor) / (10 ** places)).quantize(Decimal("0.01"))
+    return Decimal(minor).scaleb(-places).quantize(Decimal("0.01"))
 
 
 @router.get("/balance", summary="Current balance (live, from Redis)")
@@ -301,7 +302,7 @@ async def stream(request: Request, account_id: str = Depends(current_user),
         beats = 0
         try:
             while not await request.is_disconnected():
-                seq = await rt.redis.hget(key, "seq")
+                seq = replies.optional_text(await rt.redis.hget(key, "seq"))
                 if seq != last:
                     last = seq
                     body = (await rt.meter.balance(account_id)).as_dict()
