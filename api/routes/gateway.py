@@ -165,7 +165,8 @@ async def check(request: Request) -> Response:
                 ttl = _int_header(request, "X-Tokenmeter-Hold-Ttl-Ms")
                 d = await meter.reserve(account, tokens, ttl_ms=ttl, request_id=key, **labels)
             else:
-                d = await meter.debit(account, tokens, request_id=key, **labels)
+                d = await meter.debit(account, tokens, request_id=key, agent=labels["agent"], model=labels["model"],
+                                      project_id=labels["project_id"])
     except HTTPException as exc:
         detail = exc.detail if isinstance(exc.detail, dict) else error_body("error", str(exc.detail))
         observe(f"gateway_{mode}", str(detail.get("error")), start)
