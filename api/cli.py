@@ -367,8 +367,10 @@ def parser() -> argparse.ArgumentParser:
     al.add_argument("query", nargs="?")
     al.add_argument("--limit", type=int, default=50)
     ad.set_defaults(fn=cmd_admin)
+    from loadtests.loadtest import parser as loadtest_parser
+
     sub.add_parser("loadtest", help="Locust load test that checks the books (tokenmeter loadtest --help)",
-                   add_help=False)
+                   parents=[loadtest_parser(add_help=False)], add_help=False)
     b = sub.add_parser("balance", help="print an account's live balance")
     b.add_argument("account_id")
     b.set_defaults(fn=cmd_balance)

@@ -146,8 +146,9 @@ def check_books(base: str, books: dict[str, Any], ledger: dict[str, dict[str, An
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tokenmeter loadtest", description=__doc__.split("\n\n")[0])
+def parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenmeter loadtest", description=__doc__.split("\n\n")[0],
+                                add_help=add_help)
     p.add_argument("--url", help="an already running service (then --master-key; the ledger is checked only "
                                  "with --database-url)")
     p.add_argument("--master-key", help="with --url: a key with the meter and admin scopes")
@@ -159,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accounts", type=int, default=500, help="gateway accounts")
     p.add_argument("--out", help="folder for the CSVs, the HTML report and the books (default: a temp folder)")
     p.add_argument("--drain-timeout", type=float, default=120)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.users < 1 or args.run_time < 1 or args.accounts < 1:
         p.error("--users, --run-time and --accounts must be positive")
