@@ -144,7 +144,9 @@ def _refusal(status: int, body: dict[str, Any], headers: list[Header], deny_403:
     return json_response(status, body, [*headers, process_time(start)])
 
 
-@router.api_route("/check", methods=METHODS, summary="May this request spend N tokens? Headers in, headers out")
+@router.api_route("/check", methods=["GET"], summary="May this request spend N tokens? Headers in, headers out "
+                                                   "(any method; any path suffix)")
+@router.api_route("/check", methods=METHODS[1:], include_in_schema=False)  # one documented operation
 @router.api_route("/check/{forwarded_path:path}", methods=METHODS, include_in_schema=False)
 async def check(request: Request) -> Response:
     start = time.perf_counter()
