@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
-from api.deps import authenticate_service, current_user
+from api.deps import _bearer, _unauthorized, authenticate_service, current_user
 from api.metering import json_response, metered_headers, observe
 from api.routes.meter import decision_body
 from api.security import read_token
@@ -43,17 +43,6 @@ _NAMES = {"account_id": "X-Tokenmeter-Account", "tokens": "X-Tokenmeter-Tokens",
           "model": "X-Tokenmeter-Model", "project_id": "X-Tokenmeter-Project", "request_id": "Idempotency-Key",
           "hold_id": "X-Tokenmeter-Hold", "actual_tokens": "X-Tokenmeter-Tokens", "ttl_ms": "X-Tokenmeter-Hold-Ttl-Ms"}
 _DENY_REASON = {404: "unknown_account", 409: "idempotency_conflict", 422: "invalid_request"}
-
-
-def _bearer(value: str | None) -> str | None:
-    if value and value[:7].lower() == "bearer ":
-        return value[7:].strip() or None
-    return None
-
-
-def _unauthorized(message: str) -> HTTPException:
-    return HTTPException(401, headers={"WWW-Authenticate": "Bearer"},
-                         detail=error_body("unauthorized", message))
 
 
 async def _account(request: Request, state: AppState) -> str:
