@@ -6,6 +6,7 @@ store and how replies decode is in `meter._calls`.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from meter import _wire as wire
@@ -23,10 +24,22 @@ from meter._validate import (
     check_text,
 )
 
-__all__ = ["CREDIT_KINDS", "Loader", "Meter", "Store"]
+__all__ = ["CREDIT_KINDS", "Loader", "Meter", "Store", "scoped_request_id"]
 
 CREDIT_BUCKETS = {"bonus": "b", "premium": "p"}
 CREDIT_KINDS = ("adjustment", "bonus", "grant", "purchase", "refund")
+
+
+def scoped_request_id(op: str, request_id: str) -> str:
+    """The request id settle and release store under: '<op>:<id>', so one call's reserve and
+    its settle (or release) may use the same Idempotency-Key, while a retry of either is still
+    answered once. Within the ledger's 255 characters: a longer id is kept as its digest."""
+    if not request_id:
+        return ""
+    scoped = f"{op}:{request_id}"
+    if len(scoped) <= 255:
+        return scoped
+    return f"{op}:#{hashlib.blake2b(request_id.encode(), digest_size=20).hexdigest()}"
 
 
 class Meter(ScriptCalls):
@@ -118,6 +131,37 @@ class Meter(ScriptCalls):
         fp = _fingerprint("debit", *args) if rid else ""
         return self._decision(account_id, await self._run("debit", account_id, rid, fp, args))
 
+    async def record_usage(
+        self,
+        account_id: str,
+        tokens: int,
+        *,
+        agent: str | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        project_id: str | None = None,
+    ) -> Receipt:
+        """Record `tokens` already used (a streamed call, a log shipper's event). Never refused
+        by the per-request maximum or the daily and per-minute limits, which bound what may be
+        asked, not what was used: charges what the balance covers (`Receipt.charged`) and
+        reports the rest as `uncollected`; the request is counted. Charged once per request_id
+        (which shares debit's and reserve's namespace: the same id there is a conflict)."""
+        check_account_id(account_id)
+        check_int("tokens", tokens, low=0)
+        rid = check_request_id(request_id)
+        self.catalog.check_agent(agent)
+        self.catalog.check_model(model)
+        inp = "" if input_tokens is None else check_int("input_tokens", input_tokens, low=0)
+        out = "" if output_tokens is None else check_int("output_tokens", output_tokens, low=0)
+        pj = check_text("project_id", project_id)
+        args = (tokens, agent or "", model or "", inp, out, pj)
+        fp = _fingerprint("usage", *args) if rid else ""
+        r = wire.decode_reply(await self._run("usage", account_id, rid, fp, args))
+        return Receipt(f"{account_id}:{r.id}", r.available, r.held, r.replayed, tokens=tokens,
+                       charged=r.x1, uncollected=r.x2)
+
     async def reserve(
         self,
         account_id: str,
@@ -159,11 +203,13 @@ class Meter(ScriptCalls):
         output_tokens: int | None = None,
         project_id: str | None = None,
     ) -> Receipt:
-        """Charge the actual usage of a hold and return the rest; shortfall → `uncollected`."""
+        """Charge the actual usage of a hold and return the rest; shortfall → `uncollected`.
+        request_id has its own namespace (see `scoped_request_id`): a call's reserve and its
+        settle may carry the same one."""
         check_account_id(account_id)
         check_hold_id(hold_id)
         check_int("actual_tokens", actual_tokens, low=0)
-        rid = check_request_id(request_id)
+        rid = scoped_request_id("settle", check_request_id(request_id))
         self.catalog.check_agent(agent)
         self.catalog.check_model(model)
         inp = "" if input_tokens is None else check_int("input_tokens", input_tokens, low=0)
@@ -177,7 +223,7 @@ class Meter(ScriptCalls):
         """Cancel a hold: every held token goes back where it came from."""
         check_account_id(account_id)
         check_hold_id(hold_id)
-        rid = check_request_id(request_id)
+        rid = scoped_request_id("release", check_request_id(request_id))
         fp = _fingerprint("release", hold_id) if rid else ""
         reply = await self._run("release", account_id, rid, fp, (hold_id,))
         receipt = self._receipt(account_id, reply, hold_id)

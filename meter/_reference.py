@@ -78,6 +78,25 @@ class ReferenceStore(ReferenceWallet):
         self._commit(c, out, holds_changed=expired > 0)
         return out
 
+    def _op_usage(self, c: Call, args: Sequence[str]) -> list[Any]:
+        tokens = int(args[0])
+        early, expired = self._begin(c)
+        if early is not None:
+            return early
+        a = c.a
+        charged = min(tokens, self._available(a))
+        tr, tm, tb, tp = self._burn(a, charged)
+        self._count_request(c)
+        a["ut"] += charged
+        a["used"] += charged
+        note = f"uncollected {tokens - charged}" if tokens > charged else ""
+        seq = self._journal(c, "usage", -tr, -tm, -tb, -tp, 0,
+                            [("ag", args[1]), ("mo", args[2]), ("in", args[3]), ("ou", args[4]),
+                             ("pj", args[5]), ("nt", note)])
+        out = self._reply(c, "ok", seq, 0, charged, tokens - charged)
+        self._commit(c, out, holds_changed=expired > 0)
+        return out
+
     def _op_reserve(self, c: Call, args: Sequence[str]) -> list[Any]:
         tokens, ttl = int(args[0]), int(args[1])
         early, _ = self._spend_prelude(c, tokens)

@@ -12,7 +12,7 @@ __all__ = ["OPERATIONS", "Script", "ScriptRegistry", "lua_dir"]
 
 LIBRARY = "_wallet.lua"
 OPERATIONS = ("adjust", "balance", "credit", "debit", "load", "open", "plan", "release", "reserve", "settle",
-              "sweep")
+              "sweep", "usage")
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,8 @@ STEPS = int(os.environ.get("TOKENMETER_PARITY_STEPS", "40"))
 SHARDS = 2  # alice and carol share shard 1 (one journal stream, one sweep zset); bob is on shard 0
 ACCOUNTS = ("alice", "bob", "carol")
 REQUEST_IDS = ("r1", "r2", "r3")  # a small pool, so replays and conflicts both happen
+# what they are stored under: settle and release have their own namespaces (scoped_request_id)
+STORED_IDS = tuple(x for rid in REQUEST_IDS for x in (rid, f"settle:{rid}", f"release:{rid}"))
 UNKNOWN_HOLDS = ("0", "1", "2", "999999")  # never a hold: "1"/"2" are usually other entries' seqs
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 MINUTE_MS = 60_000
@@ -250,6 +252,15 @@ class ParityMachine(RuleBasedStateMachine):
         self._both("debit", account, tokens, agent=agent, model=model, request_id=request_id,
                    input_tokens=input_tokens, output_tokens=output_tokens, project_id=project_id)
 
+    @rule(account=ACCOUNT_IDS, tokens=st.integers(0, 30_000) | TOKENS, agent=AGENTS, model=MODELS,
+          request_id=RIDS, input_tokens=OPT_COUNT, output_tokens=OPT_COUNT, project_id=PROJECTS)
+    def record_usage(self, account: str, tokens: int, agent: str | None, model: str | None,
+                     request_id: str | None, input_tokens: int | None, output_tokens: int | None,
+                     project_id: str | None) -> None:
+        """Usage after the fact: past the maximum and the caps, the shortfall uncollected."""
+        self._both("record_usage", account, tokens, agent=agent, model=model, request_id=request_id,
+                   input_tokens=input_tokens, output_tokens=output_tokens, project_id=project_id)
+
     @rule(account=ACCOUNT_IDS, op=st.sampled_from(["debit", "reserve"]), n=st.integers(2, 12),
           tokens=st.integers(1, 300) | SMALL, ttl_ms=TTLS)
     def burst(self, account: str, op: str, n: int, tokens: int, ttl_ms: int | None) -> None:
@@ -422,7 +433,7 @@ class ParityMachine(RuleBasedStateMachine):
             holds = store.holds.get(ks.holds) or {}
             out[ks.holds] = {h: x.encode() for h, x in holds.items()} or None
             out[ks.hold_expiry] = {h: x.exp for h, x in holds.items()} or None
-            for rid in REQUEST_IDS:
+            for rid in STORED_IDS:
                 out[ks.idempotency + rid] = store.idempotency.get(ks.idempotency + rid)
         for sweep, journal in self.shard_keys:
             out[sweep] = dict(store.sweep.get(sweep) or {}) or None
@@ -435,7 +446,7 @@ class ParityMachine(RuleBasedStateMachine):
         kinds: list[tuple[str, str]] = []
         for ks in self.keysets.values():
             kinds += [(ks.account, "hash"), (ks.holds, "hash"), (ks.hold_expiry, "zset")]
-            kinds += [(ks.idempotency + rid, "string") for rid in REQUEST_IDS]
+            kinds += [(ks.idempotency + rid, "string") for rid in STORED_IDS]
         for sweep, journal in self.shard_keys:
             kinds += [(sweep, "zset"), (journal, "stream")]
         for key, kind in kinds:

@@ -124,12 +124,13 @@ async def test_every_script_reply_decodes_through_the_slot_names(lua_backend: st
     await meter.credit("w1", 1_000, bucket="premium", kind="purchase", note="n", reference="ref")
     await meter.adjust("w1", 10, bucket="premium", kind="refund", reference="ref")
     await meter.set_plan("w1", "pro", note="upgrade")
+    u = await meter.record_usage("w1", 30, model="gpt-4o-mini", input_tokens=10, output_tokens=20)
     bal = await meter.balance("w1")
     await meter.sweep_account("w1")
 
     mutating = [(op, r) for op, r in seen if op not in ("balance", "sweep")]
     assert [op for op, _ in mutating] == ["open", "debit", "debit", "reserve", "settle", "reserve", "release",
-                                          "credit", "adjust", "plan"]
+                                          "credit", "adjust", "plan", "usage"]
     decoded = {i: wire.decode_reply(r) for i, (_, r) in enumerate(mutating)}
     assert all(r.code == "ok" for r in decoded.values())
     debit, replay, reserve, settle = decoded[1], decoded[2], decoded[3], decoded[4]
@@ -138,7 +139,10 @@ async def test_every_script_reply_decodes_through_the_slot_names(lua_backend: st
     assert replay.replayed and replay._replace(replayed=False) == debit and again.replayed
     assert (reserve.id, reserve.x1, reserve.x2, reserve.held) == (h.hold_id, 500, h.expires_at_ms, 500)
     assert (settle.x1, settle.x2, settle.held) == (s.charged, s.uncollected, 0) == (700, 0, 0)
-    assert decoded[9].requests_today == bal.requests_today and decoded[9].daily_limit >= 0
+    assert decoded[10].requests_today == bal.requests_today and decoded[10].daily_limit >= 0
+    usage = decoded[10]
+    assert (usage.x1, usage.x2, usage.id) == (u.charged, u.uncollected, u.transaction_id.split(":")[1])
+    assert (u.charged, u.uncollected) == (30, 0)
     balance_reply = next(r for op, r in seen if op == "balance")
     assert tuple(balance_reply[1::2]) == wire.ACCOUNT_FIELDS
     assert next(r for op, r in seen if op == "sweep")[0] == "ok"
