@@ -28,9 +28,10 @@ from meter._errors import (
 from meter._types import Decision, Receipt
 from meter._validate import MAX_HOLD_TTL_MS, check_int
 
-__all__ = ["Loader", "ScriptCalls", "Store", "fingerprint"]
+__all__ = ["Loader", "ScriptCalls", "Store", "fingerprint", "scoped_request_id"]
 
 _DECISIONS = {"ok", "insufficient", "daily_cap", "rate_limited"}
+SCOPED_OPERATIONS = frozenset({"settle", "release"})  # their request ids have their own namespace
 
 Loader = Callable[[str], Awaitable[Mapping[str, str | int] | None]]
 """Rehydration: returns an account's snapshot fields (those of the balance script, plus
@@ -50,6 +51,18 @@ class Store(Protocol):
 def fingerprint(*parts: object) -> str:
     """A short digest of a call's arguments: a replay with other arguments is a conflict."""
     return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+
+
+def scoped_request_id(op: str, request_id: str) -> str:
+    """The request id settle and release store under: '<op>:<id>', so one call's reserve and
+    its settle (or release) may use the same Idempotency-Key, while a retry of either is still
+    answered once. Within the ledger's 255 characters: a longer id is kept as its digest."""
+    if not request_id:
+        return ""
+    scoped = f"{op}:{request_id}"
+    if len(scoped) <= 255:
+        return scoped
+    return f"{op}:#{hashlib.blake2b(request_id.encode(), digest_size=20).hexdigest()}"
 
 
 class ScriptCalls:
@@ -111,13 +124,14 @@ class ScriptCalls:
     async def _run(self, op: str, account_id: str, request_id: str, fingerprint: str,
                    args: Sequence[str | int]) -> list[Any]:
         now, month, day = self._now()
-        argv = (account_id, now, month, day, request_id, fingerprint, *args)
-        reply = await self.store.call(op, self._keys(account_id, request_id), argv)
+        stored_id = scoped_request_id(op, request_id) if op in SCOPED_OPERATIONS else request_id
+        argv = (account_id, now, month, day, stored_id, fingerprint, *args)
+        reply = await self.store.call(op, self._keys(account_id, stored_id), argv)
         # missing (lost with Redis data) or not yet verified since Redis started: load or
         # check against the ledger, then run the call again
         if (reply[wire.CODE] in ("no_account", "verify") and self.loader is not None
                 and await self._load(account_id) != "no_account"):
-            reply = await self.store.call(op, self._keys(account_id, request_id), argv)
+            reply = await self.store.call(op, self._keys(account_id, stored_id), argv)
         code = reply[wire.CODE]
         if code == "verify":
             raise MeterError(f"account {account_id} could not be verified against the ledger")

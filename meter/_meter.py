@@ -6,7 +6,6 @@ store and how replies decode is in `meter._calls`.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from meter import _wire as wire
@@ -24,22 +23,10 @@ from meter._validate import (
     check_text,
 )
 
-__all__ = ["CREDIT_KINDS", "Loader", "Meter", "Store", "scoped_request_id"]
+__all__ = ["CREDIT_KINDS", "Loader", "Meter", "Store"]
 
 CREDIT_BUCKETS = {"bonus": "b", "premium": "p"}
 CREDIT_KINDS = ("adjustment", "bonus", "grant", "purchase", "refund")
-
-
-def scoped_request_id(op: str, request_id: str) -> str:
-    """The request id settle and release store under: '<op>:<id>', so one call's reserve and
-    its settle (or release) may use the same Idempotency-Key, while a retry of either is still
-    answered once. Within the ledger's 255 characters: a longer id is kept as its digest."""
-    if not request_id:
-        return ""
-    scoped = f"{op}:{request_id}"
-    if len(scoped) <= 255:
-        return scoped
-    return f"{op}:#{hashlib.blake2b(request_id.encode(), digest_size=20).hexdigest()}"
 
 
 class Meter(ScriptCalls):
@@ -204,12 +191,12 @@ class Meter(ScriptCalls):
         project_id: str | None = None,
     ) -> Receipt:
         """Charge the actual usage of a hold and return the rest; shortfall → `uncollected`.
-        request_id has its own namespace (see `scoped_request_id`): a call's reserve and its
+        request_id has its own namespace (see `meter._calls.scoped_request_id`): a call's reserve and its
         settle may carry the same one."""
         check_account_id(account_id)
         check_hold_id(hold_id)
         check_int("actual_tokens", actual_tokens, low=0)
-        rid = scoped_request_id("settle", check_request_id(request_id))
+        rid = check_request_id(request_id)
         self.catalog.check_agent(agent)
         self.catalog.check_model(model)
         inp = "" if input_tokens is None else check_int("input_tokens", input_tokens, low=0)
@@ -223,7 +210,7 @@ class Meter(ScriptCalls):
         """Cancel a hold: every held token goes back where it came from."""
         check_account_id(account_id)
         check_hold_id(hold_id)
-        rid = scoped_request_id("release", check_request_id(request_id))
+        rid = check_request_id(request_id)
         fp = _fingerprint("release", hold_id) if rid else ""
         reply = await self._run("release", account_id, rid, fp, (hold_id,))
         receipt = self._receipt(account_id, reply, hold_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from meter import FakeClock, IdempotencyConflict, InvalidInput, Meter, UnknownAccount
-from meter._meter import scoped_request_id
+from meter._calls import scoped_request_id
 from tests.conftest import MeterFactory, journal_of
 from tests.meter.test_wallet import catalog_with, conservation
 
@@ -106,8 +106,9 @@ async def test_reserve_and_settle_of_one_call_may_share_an_idempotency_key(meter
     again = await meter.settle("u1", hold.hold_id, 1_500, request_id="call-1")
     assert (s.charged, s.replayed, again.replayed, again.charged) == (1_500, False, True, 1_500)
     assert (await meter.reserve("u1", 2_000, request_id="call-1")).replayed  # the reserve's own answer
-    with pytest.raises(IdempotencyConflict):
+    with pytest.raises(IdempotencyConflict) as conflict:
         await meter.settle("u1", hold.hold_id, 1_400, request_id="call-1")
+    assert conflict.value.request_id == "call-1"  # the caller's key, not the stored form
     h2 = await meter.reserve("u1", 300, request_id="call-2")
     assert h2.hold_id
     rel = await meter.release("u1", h2.hold_id, request_id="call-2")
