@@ -83,17 +83,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         redirect_slashes=False,  # Starlette builds that redirect's Location from the Host header
     )
-    from api.routes import admin, auth, gateway, meter, ops, plans, projects, purchases, tokens
+    from api.routes import admin, auth, gateway, meter, ops, plans, projects, purchases, tokens, usage
 
     install_error_handlers(app)
     app.add_middleware(PrivateHeaders)  # nosniff, no-store; inside the fast path, which adds its own
     app.add_middleware(MeterFastPath)  # POST /api/v1/meter/debit without the framework's per-request work
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,  # added last = outermost
-                       larger={"/api/v1/gateway/settle": gateway.MAX_USAGE_BODY})  # a whole completion
+                       larger={"/api/v1/gateway/settle": gateway.MAX_USAGE_BODY,  # a whole completion
+                               "/api/v1/meter/usage": usage.MAX_BODY_BYTES})  # 1,000 events
 
     app.include_router(ops.router)
     app.include_router(meter.router)  # the hot path first: routes are matched in order
     app.include_router(gateway.router)
+    app.include_router(usage.router)
     app.include_router(auth.router)
     app.include_router(tokens.router)
     app.include_router(purchases.router)

@@ -189,6 +189,28 @@ async def test_reserve_then_settle_from_headers_and_usage_bodies(api: Api) -> No
     assert await _remaining(api, account) == 10_000 - 1200 - 1200 - 375
 
 
+async def test_one_idempotency_key_serves_a_calls_reserve_settle_and_their_retries(api: Api) -> None:
+    account = await _open(api)
+    key = f"call-{uuid.uuid4().hex[:8]}"
+    reserve = gw(account, X_Tokenmeter_Mode="reserve", X_Tokenmeter_Tokens="3000", Idempotency_Key=key)
+    first = await api.client.get(CHECK, headers=reserve)
+    assert first.status_code == 200, first.text
+    hold = first.headers["x-tokenmeter-hold"]
+    settle = gw(account, X_Tokenmeter_Hold=hold, X_Tokenmeter_Tokens="1000", Idempotency_Key=key)
+    s1 = await api.client.post("/api/v1/gateway/settle", headers=settle)
+    assert s1.status_code == 200 and s1.json()["replayed"] is False, s1.text
+    # nginx retries both halves: each is answered from its own record, charged once
+    again = await api.client.get(CHECK, headers=reserve)
+    assert again.status_code == 200 and again.headers["x-tokenmeter-hold"] == hold
+    s2 = await api.client.post("/api/v1/gateway/settle", headers=settle)
+    assert s2.status_code == 200 and s2.json()["replayed"] is True
+    assert s2.json()["transaction_id"] == s1.json()["transaction_id"]
+    # the same key with another amount is still a conflict, naming the caller's key
+    s3 = await api.client.post("/api/v1/gateway/settle", headers={**settle, "X-Tokenmeter-Tokens": "999"})
+    assert s3.status_code == 409 and s3.json()["idempotency_key"] == key
+    assert await _remaining(api, account) == 9_000
+
+
 async def test_settle_refuses_what_it_cannot_read(api: Api) -> None:
     account = await _open(api)
     hold = (await api.client.get(CHECK, headers=gw(account, X_Tokenmeter_Mode="reserve",

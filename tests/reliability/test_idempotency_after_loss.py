@@ -1,5 +1,5 @@
 """Finding 7: idempotency records survive a Redis loss. 49 requests with Idempotency-Keys
-(debits, a reserve and its settle, a credit), flushed; FLUSHALL; every retry gets the stored
+(debits, a reserve and its settle under the same key, a credit, usage after the fact), flushed; FLUSHALL; every retry gets the stored
 answer (replayed, same transaction id and figures) and charges nothing; one ledger row per key."""
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ async def test_retries_after_flushall_are_answered_not_charged(tmp_path: Any, da
             first["r"] = await meter.reserve("u1", 700, ttl_ms=600_000, request_id="r")
             hold = first["r"].hold_id
             assert hold
-            first["s"] = await meter.settle("u1", hold, 500, request_id="s")
+            first["s"] = await meter.settle("u1", hold, 500, request_id="r")  # settle has its own namespace
             first["c"] = await meter.credit("u1", 999, bucket="premium", kind="purchase", request_id="c")
-            assert len(first) == 49
+            first["u"] = await meter.record_usage("u1", 9_000, model="gpt-4o", request_id="u")
+            assert len(first) == 50
             await flusher(meter, database).drain()
             before = await meter.balance("u1")
             clock.advance(3_600_000)  # an hour later: well inside the 24 h
@@ -36,8 +37,9 @@ async def test_retries_after_flushall_are_answered_not_charged(tmp_path: Any, da
 
             again = {f"d{i}": await meter.debit("u1", 50 + i, model="sonnet", request_id=f"d{i}") for i in range(46)}
             again["r"] = await meter.reserve("u1", 700, ttl_ms=600_000, request_id="r")
-            again["s"] = await meter.settle("u1", hold, 500, request_id="s")
+            again["s"] = await meter.settle("u1", hold, 500, request_id="r")
             again["c"] = await meter.credit("u1", 999, bucket="premium", kind="purchase", request_id="c")
+            again["u"] = await meter.record_usage("u1", 9_000, model="gpt-4o", request_id="u")
             for rid, answer in again.items():
                 assert answer.replayed, rid
                 assert answer.transaction_id == first[rid].transaction_id, rid
@@ -52,8 +54,9 @@ async def test_retries_after_flushall_are_answered_not_charged(tmp_path: Any, da
             assert await dead_letters(meter) == 0
             rows = await ledger_rows(database, "u1")
             keyed = [r.request_id for r in rows if r.request_id]
-            assert sorted(keyed) == sorted(first)  # one row per key: nothing charged twice
-            charged = sum(50 + i for i in range(46)) + 500
+            stored = [k for k in first if k != "s"] + ["settle:r"]  # the settle's key, as stored
+            assert sorted(keyed) == sorted(stored)  # one row per key: nothing charged twice
+            charged = sum(50 + i for i in range(46)) + 500 + 9_000
             assert sum(r.tokens_changed + r.held_changed for r in rows) == 250_000 + 999 - charged
 
             clock.advance(23 * 3_600_000 + 1_000)  # past the 24 h of d0's answer: not restored
