@@ -1,6 +1,7 @@
-"""Finding 7: idempotency records survive a Redis loss. 49 requests with Idempotency-Keys
-(debits, a reserve and its settle under the same key, a credit, usage after the fact), flushed; FLUSHALL; every retry gets the stored
-answer (replayed, same transaction id and figures) and charges nothing; one ledger row per key."""
+"""Finding 7: idempotency records survive a Redis loss. 50 requests with Idempotency-Keys
+(debits, a reserve and its settle under the same key, a credit, usage after the fact), flushed;
+FLUSHALL; every retry gets the stored answer (replayed, same transaction id and figures) and
+charges nothing; one ledger row per stored key."""
 
 from __future__ import annotations
 
