@@ -53,12 +53,12 @@ class Runtime:
         meter = await Meter.connect(url, timeout_ms=settings.redis_timeout_ms,
                                     connect_timeout_ms=settings.redis_connect_timeout_ms, catalog=catalog,
                                     shards=settings.shards, prefix=settings.key_prefix,
-                                    hold_ttl_ms=settings.hold_ttl_ms)
+                                    hold_ttl_ms=settings.hold_ttl_ms, idempotency_ttl_s=settings.idempotency_ttl_s)
         redis: Redis = meter.store.redis  # type: ignore[attr-defined]
         if settings.redis_url:
             await _check_redis_config(redis)
         meter.loader = SnapshotLoader(db, redis, catalog, shards=settings.shards, prefix=settings.key_prefix,
-                                      clock=meter.clock)
+                                      clock=meter.clock, idempotency_ttl_s=meter.idempotency_ttl_s)
         return cls(settings, catalog, meter, redis, db)
 
     def flusher(self, consumer: str = "") -> Flusher:

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
                                 description="request bodies over this are refused with 413 before they are "
                                             "read in full (every route; the debit keeps its 16 KiB cap)")
     hold_ttl_ms: int = Field(default=300_000, ge=1, le=86_400_000)
+    idempotency_ttl_s: int = Field(
+        default=86_400, ge=60, le=7 * 86_400,
+        description="how long a call's answer is kept for a retry with the same Idempotency-Key; Redis memory "
+                    "grows with it (~200 bytes per keyed call held: docs/RELIABILITY.md)")
     gateway_default_tokens: int = Field(
         default=1_000, ge=1, le=1_000_000,
         description="tokens a gateway check asks for when the request has no X-Tokenmeter-Tokens header")

@@ -292,7 +292,9 @@ local function replay()
   local stored = redis.call('GET', K_IDEM)
   if not stored then return nil end
   local sep = string.find(stored, '\n', 1, true)
-  if string.sub(stored, 1, sep - 1) ~= FP then return {'conflict'} end
+  local fp = string.sub(stored, 1, sep - 1)
+  -- records written before fingerprints were cut to 16 characters carry 24 (this one's prefix)
+  if fp ~= FP and not (#fp == 24 and string.sub(fp, 1, 16) == FP) then return {'conflict'} end
   local out = {}
   for v in string.gmatch(string.sub(stored, sep + 1), '[^\t]+') do out[#out + 1] = v end
   for i = 3, #out do out[i] = tonumber(out[i]) end

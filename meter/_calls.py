@@ -49,8 +49,13 @@ class Store(Protocol):
 
 
 def fingerprint(*parts: object) -> str:
-    """A short digest of a call's arguments: a replay with other arguments is a conflict."""
-    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+    """A short digest of a call's arguments: a replay with other arguments is a conflict.
+    64 bits (16 hex characters): the first 16 of the 24 that records written before it carry,
+    which the scripts accept too (lua/_wallet.lua: replay), so no retry across an upgrade is refused."""
+    return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=12).hexdigest()[:FINGERPRINT_CHARS]
+
+
+FINGERPRINT_CHARS = 16
 
 
 def scoped_request_id(op: str, request_id: str) -> str:
@@ -78,6 +83,7 @@ class ScriptCalls:
         prefix: str = keyspace.PREFIX,
         hold_ttl_ms: int = 300_000,
         loader: Loader | None = None,
+        idempotency_ttl_s: int = wire.IDEMPOTENCY_TTL_S,
     ) -> None:
         self.store = store
         self.catalog = catalog or default_catalog()
@@ -86,6 +92,9 @@ class ScriptCalls:
         self.prefix = prefix
         self.hold_ttl_ms = check_int("hold_ttl_ms", hold_ttl_ms, high=MAX_HOLD_TTL_MS)
         self.loader = loader
+        # how long the store keeps a call's answer (the scripts carry it: see ScriptRegistry);
+        # a loader restores the answers of that window
+        self.idempotency_ttl_s = idempotency_ttl_s
         self._month = (0, -1, 0)  # (month start ms, month end ms, month index) of the last call
 
         @lru_cache(maxsize=65_536)

@@ -39,6 +39,7 @@ class Meter(ScriptCalls):
         *,
         timeout_ms: int = 100,
         connect_timeout_ms: int = 100,
+        idempotency_ttl_s: int = wire.IDEMPOTENCY_TTL_S,
         **options: Any,
     ) -> Meter:
         """A Meter on Redis at `url` (redis://, rediss:// or unix://); `fakeredis://` runs an
@@ -47,19 +48,23 @@ class Meter(ScriptCalls):
         Connecting gives up after `connect_timeout_ms` (100) and a call waits at most `timeout_ms` (100) for Redis:
         when Redis is down every call raises StoreUnavailable instead of waiting (fail closed); OutcomeUnknown when
         the command was sent and its reply lost (it may have run: retry with the same request id).
+        A call's answer is kept `idempotency_ttl_s` (86,400; 60 s to 7 days) for a retry.
         """
+        from meter._scripts import ScriptRegistry
+
+        registry = ScriptRegistry(idempotency_ttl_s=idempotency_ttl_s)
         store: Store
         if url.startswith("fakeredis://"):
             import fakeredis
 
             from meter._redis_store import RedisStore
 
-            store = RedisStore(fakeredis.FakeAsyncRedis(decode_responses=True))
+            store = RedisStore(fakeredis.FakeAsyncRedis(decode_responses=True), registry)
         else:
             from meter._pipelined_store import PipelinedRedisStore
 
-            store = PipelinedRedisStore(url, timeout_ms=timeout_ms, connect_timeout_ms=connect_timeout_ms)
-        return cls(store, **options)
+            store = PipelinedRedisStore(url, registry, timeout_ms=timeout_ms, connect_timeout_ms=connect_timeout_ms)
+        return cls(store, idempotency_ttl_s=idempotency_ttl_s, **options)
 
     async def close(self) -> None:
         await self.store.close()

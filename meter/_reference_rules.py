@@ -210,7 +210,7 @@ class ReferenceWallet:
         if stored is None:
             return None
         fp, _, body = stored.partition("\n")
-        if fp != c.fingerprint:
+        if fp != c.fingerprint and not (len(fp) == 24 and fp[:16] == c.fingerprint):  # 24: the older form
             return ["conflict"]
         out: list[Any] = body.split("\t")
         out[wire.AVAILABLE:] = [int(x) for x in out[wire.AVAILABLE:]]

@@ -15,6 +15,8 @@ __all__ = [
     "HOLD_FIELDS",
     "IDEMPOTENCY_TTL_S",
     "JOURNAL_FIELDS",
+    "MAX_IDEMPOTENCY_TTL_S",
+    "MIN_IDEMPOTENCY_TTL_S",
     "NUMBER_FIELDS",
     "NUMERIC_FIELDS",
     "PLAN_SPEC_FIELDS",
@@ -148,7 +150,8 @@ def encode_state(account: Mapping[str, Any]) -> str:
     return ":".join(str(account[f]) for f in STATE_FIELDS)
 
 
-IDEMPOTENCY_TTL_S = 86_400  # lua: IDEM_TTL_S, how long a call's answer is kept for a retry
+IDEMPOTENCY_TTL_S = 86_400  # lua: IDEM_TTL_S, how long a call's answer is kept for a retry (the default)
+MIN_IDEMPOTENCY_TTL_S, MAX_IDEMPOTENCY_TTL_S = 60, 7 * 86_400  # the range a deployment may set
 
 
 # -- the hold record (lua: parse_hold; the holds hash, and 'hold:<id>' fields of the load script) --

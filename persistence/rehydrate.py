@@ -50,8 +50,9 @@ class SnapshotLoader:
 
     def __init__(self, db: Database, redis: Redis, catalog: Catalog, *,
                  shards: int = keyspace.DEFAULT_SHARDS, prefix: str = keyspace.PREFIX,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, idempotency_ttl_s: int = wire.IDEMPOTENCY_TTL_S) -> None:
         self.db, self.redis, self.catalog = db, redis, catalog
+        self.idempotency_ttl_s = idempotency_ttl_s  # the meter's retention: which answers come back
         self.shards, self.prefix = shards, prefix
         self.clock = clock or SystemClock()  # the meter's: the age of a stored idempotency record
 
@@ -86,10 +87,11 @@ class SnapshotLoader:
         return state
 
     async def _idempotency_records(self, account_id: str) -> dict[str, str]:
-        """'<ttl_s>:<record>' by request id: the stored answers of the account's calls of the
-        last 24 h (their ledger rows carry the record), each for what is left of its 24 h."""
+        """'<ttl_s>:<record>' by request id: the stored answers of the account's calls within the
+        retention (24 h by default; their ledger rows carry the record), each for what is left of it."""
         now_ms = self.clock.now_ms()
-        since = datetime.fromtimestamp((now_ms - IDEMPOTENCY_TTL_S * 1000) / 1000, tz=UTC)
+        retention = self.idempotency_ttl_s
+        since = datetime.fromtimestamp((now_ms - retention * 1000) / 1000, tz=UTC)
         tx = TokenTransaction.__table__
         query = select(tx.c.request_id, tx.c.idempotency_record, tx.c.created_at).where(
             tx.c.account_id == account_id, tx.c.created_at > since, tx.c.idempotency_record.is_not(None),
@@ -97,7 +99,7 @@ class SnapshotLoader:
         out: dict[str, str] = {}
         async with self.db.engine.connect() as conn:
             for request_id, record, at in (await conn.execute(query)).all():
-                ttl_s = IDEMPOTENCY_TTL_S - (now_ms - _ms(at)) // 1000
+                ttl_s = retention - (now_ms - _ms(at)) // 1000
                 if ttl_s > 0:
                     out[request_id] = f"{ttl_s}:{record}"
         return out
@@ -172,7 +174,6 @@ def _hold_record(tokens: int, dr: int, dm: int, db: int, dp: int, at_ms: int, ex
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-IDEMPOTENCY_TTL_S = wire.IDEMPOTENCY_TTL_S
 
 
 async def rehydrate_all(meter: Meter, db: Database, *, progress: Callable[[int], Progress] | None = None

@@ -29,7 +29,7 @@ M = TypeVar("M", bound=BaseModel)
 AccountId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$",
                                  examples=["user-42"])]
 _IDEMPOTENCY_DOC = {"name": "Idempotency-Key", "in": "header", "required": False,
-                    "description": "retries with the same key are charged once (24 h)",
+                    "description": "retries with the same key are charged once (TOKENMETER_IDEMPOTENCY_TTL_S: 24 h)",
                     "schema": {"type": "string", "maxLength": 255}}
 
 

@@ -189,3 +189,16 @@ async def test_events_that_cannot_reach_redis_make_the_batch_a_503_to_resend(app
     status, body = await _post(app, events)  # resent whole: the first replays, the second lands
     assert status == 200 and [r["replayed"] for r in body["results"]] == [True, False]
     assert [(await _balance(app, a))["used_tokens"] for a in (ok_user, down_user)] == [40, 40]
+
+
+async def test_the_idempotency_retention_setting_reaches_the_service(tmp_path: Any) -> None:
+    from meter import keys as keyspace
+
+    async with running_app(make_settings(tmp_path, idempotency_ttl_s=120)) as api:
+        user, _ = await api.register()
+        status, _ = await _post(api, [{"account_id": user, "idempotency_key": "k-ttl", "tokens": 5}])
+        assert status == 200
+        s = api.settings
+        key = keyspace.idempotency_key(user, "k-ttl", shards=s.shards, prefix=s.key_prefix)
+        assert 100 <= await api.state.rt.redis.ttl(key) <= 120
+        assert api.state.rt.meter.loader.idempotency_ttl_s == 120

@@ -127,3 +127,30 @@ def test_a_scoped_request_id_fits_the_ledger_column() -> None:
     assert scoped_request_id("release", "x" * 247) == "release:" + "x" * 247
     scoped = {scoped_request_id("settle", long_a), scoped_request_id("settle", long_b)}
     assert len(scoped) == 2 and all(len(s) <= 255 and s.startswith("settle:#") for s in scoped)
+
+
+async def test_an_answer_stored_with_the_older_24_character_fingerprint_still_replays(meter: Meter) -> None:
+    import hashlib
+
+    from meter import ReferenceStore
+    from meter import keys as keyspace
+
+    await meter.open_account("u1")
+    first = await meter.debit("u1", 300, model="sonnet", request_id="old-1")
+    key = keyspace.idempotency_key("u1", "old-1", shards=meter.shards, prefix=meter.prefix)
+    store = meter.store
+    stored = store.idempotency[key] if isinstance(store, ReferenceStore) else \
+        await store.redis.get(key)  # type: ignore[attr-defined]
+    fp, _, reply = stored.partition("\n")
+    legacy = hashlib.blake2b("\x1f".join(map(str, ("debit", 300, "", "sonnet", "", "", ""))).encode(),
+                             digest_size=12).hexdigest()
+    assert len(fp) == 16 and legacy[:16] == fp  # the new form is the old one's prefix
+    if isinstance(store, ReferenceStore):
+        store.idempotency[key] = f"{legacy}\n{reply}"
+    else:
+        await store.redis.set(key, f"{legacy}\n{reply}", ex=600)  # type: ignore[attr-defined]
+    again = await meter.debit("u1", 300, model="sonnet", request_id="old-1")
+    assert again.replayed and again.transaction_id == first.transaction_id
+    with pytest.raises(IdempotencyConflict):
+        await meter.debit("u1", 301, model="sonnet", request_id="old-1")
+    assert (await meter.balance("u1")).used_tokens == 300

@@ -91,11 +91,12 @@ async def private_redis_server(directory: str) -> Any:
         server.stop()
 
 
-async def loss_meter(url: str, database: Any, clock: FakeClock, prefix: str = "tmloss") -> Meter:
+async def loss_meter(url: str, database: Any, clock: FakeClock, prefix: str = "tmloss", **options: Any) -> Meter:
     meter = await Meter.connect(url, prefix=prefix, shards=4, clock=clock, timeout_ms=2000,
-                                connect_timeout_ms=2000)
+                                connect_timeout_ms=2000, **options)
     meter.loader = SnapshotLoader(database, meter.store.redis, meter.catalog,  # type: ignore[attr-defined]
-                                  shards=meter.shards, prefix=meter.prefix, clock=clock)
+                                  shards=meter.shards, prefix=meter.prefix, clock=clock,
+                                  idempotency_ttl_s=meter.idempotency_ttl_s)
     return meter
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from meter import FakeClock, IdempotencyConflict
+from meter import keys as keyspace
 from tests.reliability._redis_loss import dead_letters, flusher, ledger_rows, loss_meter, private_redis_server
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
@@ -66,3 +67,38 @@ async def test_retries_after_flushall_are_answered_not_charged(tmp_path: Any, da
             assert not late.replayed and late.allowed
         finally:
             await meter.close()
+
+
+async def test_the_retention_is_a_setting_in_redis_and_in_rehydration(tmp_path: Any, database: Any,
+                                                                       clock: FakeClock) -> None:
+    """TOKENMETER_IDEMPOTENCY_TTL_S=600: Redis expires the answer after 10 min, and after a
+    loss only answers younger than 10 min come back from the ledger."""
+    async with private_redis_server(str(tmp_path)) as server:
+        meter = await loss_meter(server.url, database, clock, idempotency_ttl_s=600)
+        try:
+            assert await meter.open_account("u1", "pro")
+            old = await meter.debit("u1", 100, request_id="old")
+            clock.advance(400_000)
+            young = await meter.debit("u1", 100, request_id="young")
+            redis = meter.store.redis  # type: ignore[attr-defined]
+            key = keyspace.idempotency_key("u1", "young", shards=meter.shards, prefix=meter.prefix)
+            assert 590 <= await redis.ttl(key) <= 600
+            await flusher(meter, database).drain()
+            clock.advance(300_000)  # old is 700 s old (past 600), young 300 s
+            await redis.flushall()
+            again = await meter.debit("u1", 100, request_id="young")
+            assert again.replayed and again.transaction_id == young.transaction_id
+            late = await meter.debit("u1", 100, request_id="old")  # its answer was not restored
+            assert not late.replayed and late.transaction_id != old.transaction_id
+            assert 0 < await redis.ttl(key) <= 300  # what was left of its 600 s
+        finally:
+            await meter.close()
+
+
+def test_a_retention_outside_60_s_to_7_days_is_refused() -> None:
+    from meter._scripts import ScriptRegistry
+
+    for bad in (59, 7 * 86_400 + 1, True, 600.0):
+        with pytest.raises(ValueError):
+            ScriptRegistry(idempotency_ttl_s=bad)  # type: ignore[arg-type]
+    assert "local IDEM_TTL_S = 3600\n" in ScriptRegistry(idempotency_ttl_s=3600)["debit"].text
