@@ -36,7 +36,9 @@ local LAZY_HOLDS = 8          -- expired holds released per touch (keeps every c
 local IDEM_TTL_S = 86400
 
 local FIELDS = {'plan', 'allow', 'dcap', 'rpm', 'maxreq', 'rpct', 'r', 'm', 'b', 'p', 'h',
-                'per', 'day', 'rq', 'ut', 'used', 'treq', 'tat', 'seq', 'created', 'np'}
+                'per', 'day', 'rq', 'ut', 'used', 'treq', 'tat', 'seq', 'created', 'np', 'mg'}
+-- mg: monthly tokens granted this period (the allowance, moved by plan changes within it), so a
+-- plan bought again in the same month grants only what its allowance has left (wallet_plan.lua)
 local TEXT = {plan = true, np = true}  -- np: a plan change due at the next period, 'id:allow:dcap:rpm:max:pct'
 
 local function fmt(n) return string.format('%d', n) end
@@ -173,7 +175,8 @@ local function roll_period(a)
       journal(a, 'allowance', 0, a.allow, 0, 0, 0, {'nt', 'monthly allowance'})
     end
     a.per = MONTH
-    touch(a, 'r', 'm', 'per')
+    a.mg = a.allow
+    touch(a, 'r', 'm', 'per', 'mg')
   end
   if DAY > a.day then
     a.day = DAY; a.rq = 0; a.ut = 0

@@ -16,6 +16,7 @@ a = {plan = ARGV[7], allow = tonumber(ARGV[8]), dcap = tonumber(ARGV[9]),
      rpm = tonumber(ARGV[10]), maxreq = tonumber(ARGV[11]), rpct = tonumber(ARGV[12]),
      r = 0, m = 0, b = 0, p = 0, h = 0, per = MONTH, day = DAY, rq = 0, ut = 0, used = 0,
      treq = 0, tat = 0, seq = 0, created = NOW, np = '', dirty = {}}
+a.mg = a.allow
 for _, f in ipairs(FIELDS) do a.dirty[f] = true end
 local seq = 0
 if a.allow > 0 then

@@ -1,6 +1,6 @@
 -- wallet_plan.lua: change the account's plan. 'now' (an upgrade) applies at once: the limits
 -- change and the monthly bucket becomes the new allowance minus what this month already used
--- (allowance - monthly); 'next' (a downgrade or cancel) is stored and applied by the first touch
+-- (granted this month - monthly, so a plan refunded and bought again is not granted twice); 'next' (a downgrade or cancel) is stored and applied by the first touch
 -- of the next period, before that period's allowance is granted. Journals one entry either way.
 -- KEYS: the six account keys (see _wallet.lua).
 -- ARGV: common prefix; 7 plan id, 8 allowance, 9 daily cap, 10 per minute, 11 max per request,
@@ -18,13 +18,17 @@ if ARGV[13] == 'next' then
   touch(a, 'np')
   seq = journal(a, 'adjustment', 0, 0, 0, 0, 0, {'nt', 'plan ' .. ARGV[7] .. ' from next period: ' .. ARGV[14]})
 else
-  local used = math.max(a.allow - a.m, 0)
+  -- this month's use: what was granted this period (never less than the allowance; 0 = an
+  -- account from before 'mg' existed) minus what is left
+  local granted = math.max(a.mg, a.allow)
+  local used = math.max(granted - a.m, 0)
   local new_m = math.max(tonumber(ARGV[8]) - used, 0)
   dm = new_m - a.m
   apply_plan(a, spec)
   a.np = ''
   a.m = new_m
-  touch(a, 'm', 'np')
+  a.mg = granted + dm
+  touch(a, 'm', 'np', 'mg')
   seq = journal(a, dm >= 0 and 'allowance' or 'adjustment', 0, dm, 0, 0, 0,
     {'nt', 'plan ' .. ARGV[7] .. ' now: ' .. ARGV[14]})
 end

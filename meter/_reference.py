@@ -51,6 +51,7 @@ class ReferenceStore(ReferenceWallet):
         a: dict[str, Any] = dict.fromkeys(NUMERIC_FIELDS, 0)
         a.update(np="", plan=args[0], allow=int(args[1]), dcap=int(args[2]), rpm=int(args[3]),
                  maxreq=int(args[4]), rpct=int(args[5]), per=c.month, day=c.day, created=c.now)
+        a["mg"] = a["allow"]
         c.a = a
         seq = 0
         if a["allow"] > 0:
@@ -189,12 +190,14 @@ class ReferenceStore(ReferenceWallet):
             seq = self._journal(c, "adjustment", 0, 0, 0, 0, 0,
                                 [("nt", f"plan {args[0]} from next period: {args[7]}")])
         else:
-            used = max(a["allow"] - a["m"], 0)
+            granted = max(a["mg"], a["allow"])  # granted this month (0: an account from before mg)
+            used = max(granted - a["m"], 0)
             new_m = max(int(args[1]) - used, 0)
             dm = new_m - a["m"]
             self._apply_plan(a, spec)
             a["np"] = ""
             a["m"] = new_m
+            a["mg"] = granted + dm
             seq = self._journal(c, "allowance" if dm >= 0 else "adjustment", 0, dm, 0, 0, 0,
                                 [("nt", f"plan {args[0]} now: {args[7]}")])
         out = self._reply(c, "ok", seq, 0, dm)

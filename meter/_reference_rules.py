@@ -117,6 +117,7 @@ class ReferenceWallet:
                 a["m"] = a["allow"]
                 self._journal(c, "allowance", 0, a["allow"], 0, 0, 0, [("nt", "monthly allowance")])
             a["per"] = c.month
+            a["mg"] = a["allow"]
         if c.day > a["day"]:
             a["day"], a["rq"], a["ut"] = c.day, 0, 0
 

@@ -39,7 +39,8 @@ __all__ = [
 # -- the account hash (lua: FIELDS, TEXT) -------------------------------------------------------
 
 ACCOUNT_FIELDS = ("plan", "allow", "dcap", "rpm", "maxreq", "rpct", "r", "m", "b", "p", "h",
-                  "per", "day", "rq", "ut", "used", "treq", "tat", "seq", "created", "np")
+                  "per", "day", "rq", "ut", "used", "treq", "tat", "seq", "created", "np", "mg")
+# mg: monthly tokens granted this period (lua/wallet_plan.lua); 0 in accounts from before it
 TEXT_FIELDS = frozenset({"plan", "np"})  # np: a plan change due at the next period, 'id:allow:dcap:rpm:max:pct'
 NUMERIC_FIELDS = tuple(f for f in ACCOUNT_FIELDS if f not in TEXT_FIELDS)
 PLAN_SPEC_FIELDS = ("plan", "allow", "dcap", "rpm", "maxreq", "rpct")  # lua: apply_plan, and 'np'

@@ -76,7 +76,8 @@ class SnapshotLoader:
             return None
         plan = self.catalog.plans.get(state["plan"]) or self.catalog.plan("free")
         state.update(allow=plan.monthly_tokens, dcap=plan.daily_requests, rpm=plan.requests_per_minute,
-                     maxreq=plan.max_tokens_per_request, rpct=plan.rollover_pct, tat=0, created=0)
+                     maxreq=plan.max_tokens_per_request, rpct=plan.rollover_pct, tat=0, created=0,
+                     mg=0)  # granted this month: not in the ledger; 0 = the allowance (lua/wallet_plan.lua)
         # the daily counters as they were: the load script keeps them, the next touch clears
         # them if their day is over
         if state["h"]:
