@@ -125,6 +125,24 @@ async def test_a_refund_takes_the_plan_back(testpay: Api) -> None:
     assert (await plan_of(testpay, account))[:2] == ("free", 10_000)
 
 
+async def test_buy_spend_refund_buy_again_grants_the_month_once(testpay: Api) -> None:
+    """The attack: buy pro, spend most of it, get refunded, buy pro again the same month. The
+    second purchase gets what this month's pro allowance has left, not another 250,000."""
+    account, auth = await user_at(testpay)
+    first = (await subscribe(testpay, auth, "pro")).json()
+    assert (await pay(testpay, first)).status_code == 200
+    meter = testpay.state.rt.meter
+    for _ in range(25):
+        assert (await meter.debit(account, 8_000)).allowed  # 200,000 of the month's 250,000
+    refund = await pay(testpay, first, "refunded", refund_id="rfnd_1", refunded_amount=PRO_PAISE)
+    assert refund.status_code == 200 and refund.json()["plan"] == "free", refund.text
+    assert (await meter.balance(account)).monthly_remaining == 0
+    second = (await subscribe(testpay, auth, "pro")).json()
+    assert (await pay(testpay, second)).status_code == 200
+    bal = await meter.balance(account)
+    assert (bal.plan, bal.monthly_remaining) == ("pro", 50_000)  # was 240,000 before 'mg'
+
+
 async def test_renewal_each_period_and_a_lapse_without_it(testpay: Api) -> None:
     clock = FakeClock(START_MS)
     account, auth = await user_at(testpay, clock)
