@@ -2,6 +2,7 @@
 normalized event. Two providers: `test` (built in, for development and tests; its checkout is
 completed by a signed call) and `razorpay` (Orders API + webhooks signed with HMAC-SHA256 of the
 raw body). What an event does to a purchase and a wallet lives in `api.routes.purchases`.
+No web framework here: the app builds one `Payments` in its state (api/state.py).
 
 Secrets come from settings only: TOKENMETER_TEST_PAYMENT_SECRET, TOKENMETER_RAZORPAY_KEY_ID,
 TOKENMETER_RAZORPAY_KEY_SECRET, TOKENMETER_RAZORPAY_WEBHOOK_SECRET."""
@@ -21,10 +22,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
-from fastapi import FastAPI, Request
-
 __all__ = ["BadPayload", "BadSignature", "NotConfigured", "Order", "PaymentProvider", "Payments",
-           "ProviderError", "RazorpayProvider", "TestProvider", "WebhookEvent", "payments", "payments_of", "sign"]
+           "ProviderError", "RazorpayProvider", "TestProvider", "WebhookEvent", "sign"]
 
 log = logging.getLogger("tokenmeter.payments")
 
@@ -328,18 +327,3 @@ class Payments:
                                     webhook_secret=settings.razorpay_webhook_secret,
                                     api_url=settings.razorpay_api_url)
         return cls({"test": TestProvider(secret), "razorpay": razorpay}, settings.payment_provider)
-
-
-def payments_of(app: FastAPI) -> Payments:
-    """The app's providers, built on first use from its settings."""
-    found: Payments | None = getattr(app.state, "payments", None)
-    if found is None:
-        tm = app.state.tm
-        found = Payments.build(tm.rt.settings)
-        app.state.payments = found
-    return found
-
-
-def payments(request: Request) -> Payments:
-    """FastAPI dependency: the running app's payment providers."""
-    return payments_of(request.app)

@@ -54,7 +54,7 @@ class Runtime:
                                     connect_timeout_ms=settings.redis_connect_timeout_ms, catalog=catalog,
                                     shards=settings.shards, prefix=settings.key_prefix,
                                     hold_ttl_ms=settings.hold_ttl_ms, idempotency_ttl_s=settings.idempotency_ttl_s)
-        redis: Redis = meter.store.redis  # type: ignore[attr-defined]
+        redis: Redis = meter.redis
         if settings.redis_url:
             await _check_redis_config(redis)
         meter.loader = SnapshotLoader(db, redis, catalog, shards=settings.shards, prefix=settings.key_prefix,

@@ -8,11 +8,13 @@ from typing import Any
 
 from fastapi import Request
 
+from api.agents import AgentRunner, SimulatedAgentRunner
 from api.auth_state import AuthState
+from api.payments import Payments
 from api.runtime import Runtime
 from api.security import ApiKeyCache
 
-__all__ = ["AppState", "app_state"]
+__all__ = ["AppState", "app_state", "payments", "payments_of"]
 
 
 @dataclass
@@ -21,16 +23,31 @@ class AppState:
     jwt_secret: str
     key_cache: ApiKeyCache
     auth: AuthState
+    payments: Payments  # the payment providers (api/payments.py)
+    agent_runner: AgentRunner  # what runs a project's agents (api/agents.py; a simulation by default)
     tasks: list[Any] = field(default_factory=list)
     background: Any = None  # api.background.Background, set by the lifespan
 
     @classmethod
-    def build(cls, rt: Runtime) -> AppState:
+    def build(cls, rt: Runtime, *, agent_runner: AgentRunner | None = None) -> AppState:
+        """Every dependency of the app, built in this one place (the lifespan calls it)."""
         s = rt.settings
         return cls(rt=rt, jwt_secret=s.jwt_secret or secrets.token_urlsafe(32),
-                   key_cache=ApiKeyCache(s.api_key_cache_s, s.api_key_stale_s), auth=AuthState.build(rt))
+                   key_cache=ApiKeyCache(s.api_key_cache_s, s.api_key_stale_s), auth=AuthState.build(rt),
+                   payments=Payments.build(s), agent_runner=agent_runner or SimulatedAgentRunner())
 
 
 async def app_state(request: Request) -> AppState:  # async: no thread-pool hop per request
     state: AppState = request.app.state.tm
     return state
+
+
+def payments_of(app: Any) -> Payments:
+    """A running app's payment providers."""
+    state: AppState = app.state.tm
+    return state.payments
+
+
+def payments(request: Request) -> Payments:
+    """FastAPI dependency: the running app's payment providers."""
+    return payments_of(request.app)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from meter import _wire as wire
 from meter import keys as keyspace
@@ -28,7 +28,7 @@ from meter._errors import (
 from meter._types import Decision, Receipt
 from meter._validate import MAX_HOLD_TTL_MS, check_int
 
-__all__ = ["Loader", "ScriptCalls", "Store", "fingerprint", "scoped_request_id"]
+__all__ = ["Loader", "RedisBacked", "ScriptCalls", "Store", "fingerprint", "scoped_request_id"]
 
 _DECISIONS = {"ok", "insufficient", "daily_cap", "rate_limited"}
 SCOPED_OPERATIONS = frozenset({"settle", "release"})  # their request ids have their own namespace
@@ -38,6 +38,13 @@ Loader = Callable[[str], Awaitable[Mapping[str, str | int] | None]]
 'hold:<id>' open holds and 'idem:<request id>' → '<ttl_s>:<record>' idempotency records) or None.
 With a loader, every account is verified against it at its first touch since Redis started
 (see lua/_wallet.lua: the 'live' set), so Redis behind the ledger is caught before a write."""
+
+
+@runtime_checkable
+class RedisBacked(Protocol):
+    """A store on Redis: `redis` is its ordinary redis-py client (off the hot path)."""
+
+    redis: Any
 
 
 class Store(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from meter import _wire as wire
-from meter._calls import Loader, ScriptCalls, Store
+from meter._calls import Loader, RedisBacked, ScriptCalls, Store
 from meter._calls import fingerprint as _fingerprint
 from meter._clock import month_end_ms
 from meter._errors import InvalidInput
@@ -68,6 +68,14 @@ class Meter(ScriptCalls):
 
     async def close(self) -> None:
         await self.store.close()
+
+    @property
+    def redis(self) -> Any:
+        """The redis-py client of a Redis-backed store, for everything off the hot path (the
+        flusher, tools, health checks); TypeError for a store without one (the reference model)."""
+        if not isinstance(self.store, RedisBacked):
+            raise TypeError(f"{type(self.store).__name__} has no Redis client")
+        return self.store.redis
 
     async def rehydrate(self, account_id: str) -> bool:
         """Load the account from the loader's snapshot if Redis lacks it or is behind it (Redis

@@ -16,10 +16,10 @@ from sqlalchemy import or_, select
 
 from api.deps import current_user
 from api.errors import error_body
-from api.payments import Payments, payments
+from api.payments import Payments
 from api.plan_billing import current_period, period_label
 from api.routes.purchases import IdempotencyKey, Item, start_purchase
-from api.state import AppState, app_state
+from api.state import AppState, app_state, payments
 from meter import Meter
 from persistence.db import Database
 from persistence.models import Account, TokenPurchase, utcnow

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from api.agents import AgentRunner, SimulatedAgentRunner
+from api.agents import AgentRunner
 from api.deps import current_user
 from api.errors import error_body
 from api.metering import json_response
@@ -27,8 +27,7 @@ class ProjectIn(BaseModel):
 
 
 def runner_of(state: AppState) -> AgentRunner:
-    runner: AgentRunner = getattr(state, "agent_runner", None) or SimulatedAgentRunner()
-    return runner
+    return state.agent_runner
 
 
 @router.post("", status_code=201, summary="Create a project")

@@ -49,10 +49,9 @@ from api.payments import (
     Payments,
     ProviderError,
     WebhookEvent,
-    payments,
 )
 from api.plan_billing import period_label
-from api.state import AppState, app_state
+from api.state import AppState, app_state, payments
 from persistence.journaled import journaled_change
 from persistence.models import PaymentEvent, TokenPurchase, utcnow
 

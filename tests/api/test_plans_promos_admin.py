@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from api.payments import payments_of, sign
+from api.payments import sign
 from api.security import issue_token
+from api.state import payments_of
 from meter import FakeClock
 from meter._clock import month_end_ms, month_index
 from tests.api.conftest import Api, make_settings, running_app

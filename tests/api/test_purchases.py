@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from api.payments import payments_of, sign
+from api.payments import sign
 from api.security import issue_token
+from api.state import payments_of
 from persistence.models import PaymentEvent, TokenPurchase, utcnow
 from tests.api.conftest import Api, make_settings, running_app
 from tests.conftest import DATABASES

@@ -92,6 +92,10 @@ async def stream_body(port: int, head: bytes, chunk: bytes, count: int, chunked:
     try:
         writer.write(head)
         for _ in range(count):
+            # let the reader run between chunks: drain() does not yield while the socket takes
+            # data, and a 413 left unread when the server's close turns our next write into a
+            # reset is lost (seen on a loaded machine)
+            await asyncio.sleep(0)
             if response.done():
                 break
             writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)

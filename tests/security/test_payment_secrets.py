@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from api.payments import payments_of, sign
+from api.payments import sign
+from api.state import payments_of
 from tests.api.conftest import make_settings, running_app
 from tests.api.test_purchases import quick_user
 from tests.processes import start_process, stop_process, wait_healthy

@@ -143,7 +143,8 @@ class Live:
 def _signer(api: Api) -> Callable[[str, bytes], dict[str, str]] | None:
     """Signs a payment provider's webhook body the way the provider would (None: no payments)."""
     try:
-        from api.payments import payments_of, sign
+        from api.payments import sign
+        from api.state import payments_of
     except ImportError:
         return None
 
