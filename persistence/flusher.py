@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
-import socket
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis import exceptions as rexc
@@ -39,6 +36,7 @@ from meter.keys import dead_letter_key
 from persistence import metrics
 from persistence.backlog import BacklogMonitor, shard_backlog
 from persistence.db import DatabaseMisconfigured, is_configuration_error, is_transient
+from persistence.flusher_config import FlusherConfig, FlusherStats, FlusherStopped, default_consumer, tune_gc
 from persistence.ledger import (
     DatabaseUnavailable,
     LedgerWriter,
@@ -47,6 +45,7 @@ from persistence.ledger import (
     WriteResult,
     prepare,
 )
+from persistence.streams import Entry, as_is, lost_group, parse_entries, remove_idle_consumers, trim_streams
 
 __all__ = ["Flusher", "FlusherConfig", "FlusherStats", "FlusherStopped", "dead_letter_key", "default_consumer",
            "tune_gc"]
@@ -54,70 +53,6 @@ __all__ = ["Flusher", "FlusherConfig", "FlusherStats", "FlusherStopped", "dead_l
 log = logging.getLogger("tokenmeter.flusher")
 
 _REDIS_DOWN = (rexc.ConnectionError, rexc.TimeoutError, OSError)
-Entry = tuple[str, str, dict[str, str]]  # (stream key, entry id, fields)
-
-
-def tune_gc() -> None:
-    """For a process whose work is flushing (`tokenmeter flusher`): Python's cyclic collector,
-    run every 700 container allocations by default, re-traverses each batch's hundreds of
-    thousands of young objects again and again: about a fifth of the flusher's time. Freezing
-    what exists at start and letting 50,000 allocations pass between young collections took one
-    flusher from ~42k to ~55k rows/s (loadtests/bench_flusher.py), for a few MB of memory."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
-class FlusherStopped(Exception):
-    """Asked to stop while a batch could not be written yet (the database is down): the batch
-    stays pending, unacknowledged, for the next start or a claim."""
-
-
-def default_consumer(suffix: str = "") -> str:
-    """The same name on every start of the same deployment: the host name (a container's
-    hostname is fixed per service replica), plus a suffix for the in-process flusher."""
-    return socket.gethostname() + (f"-{suffix}" if suffix else "")
-
-
-def _lost_group(exc: rexc.ResponseError) -> bool:
-    """The stream or its consumer group no longer exists (FLUSHALL, DEL of the stream, a
-    blocked XREADGROUP unblocked by the deletion)."""
-    text = str(exc)
-    return "NOGROUP" in text or "UNBLOCKED" in text or "no longer exists" in text
-
-
-@dataclass(slots=True)
-class FlusherConfig:
-    group: str = "tm-flusher"
-    consumer: str = ""  # default: default_consumer() (stable across restarts)
-    # Entries per database transaction; each XREADGROUP asks every stream for batch // 16.
-    # Large on purpose: a batch also upserts the snapshot of every account in it, so with many
-    # accounts the snapshot work per row falls as the batch grows (2,000 -> 8,000 took one
-    # flusher from ~47k to ~70k rows/s in loadtests/bench_flusher.py).
-    batch: int = 8_000
-    block_ms: int = 200
-    claim_idle_ms: int = 30_000  # pending this long → its consumer is presumed dead
-    claim_every_s: float = 5.0
-    max_deliveries: int = 5
-    writers: int = 2  # database transactions in flight at once
-    trim_every_s: float = 5.0
-    backoff_max_s: float = 5.0
-    # A consumer this idle with nothing pending is gone for good (an old name): removed from
-    # the groups. Far above claim_idle_ms and any live flusher's idle (a read every block_ms).
-    consumer_idle_delete_ms: int = 3_600_000
-    consumer_gc_every_s: float = 60.0
-    gauges_every_s: float = 1.0  # backlog gauges from Redis (persistence/backlog.py)
-
-
-@dataclass(slots=True)
-class FlusherStats:
-    flushed: int = 0
-    duplicates: int = 0
-    batches: int = 0
-    dead_letters: int = 0
-    forks: list[str] = field(default_factory=list)
-    db_retries: int = 0
-    groups_recreated: int = 0
-    consumers_removed: list[str] = field(default_factory=list)
 
 
 class Flusher:
@@ -135,7 +70,7 @@ class Flusher:
         # XREADGROUP with its reply as Redis sent it (same connection pool): redis-py's
         # conversion, a dict built in Python per entry, was the flusher's largest cost.
         self._raw = Redis(connection_pool=redis.connection_pool)
-        self._raw.set_response_callback("XREADGROUP", _as_is)
+        self._raw.set_response_callback("XREADGROUP", as_is)
         self.dead_letter = dead_letter_key(prefix)
         self.stats = FlusherStats()
         self._ready = False
@@ -176,7 +111,7 @@ class Flusher:
             except FlusherStopped:
                 break
             except rexc.ResponseError as exc:
-                if not _lost_group(exc):
+                if not lost_group(exc):
                     raise
                 log.warning("journal stream or consumer group gone (%s): creating the groups again", exc)
                 self.stats.groups_recreated += 1
@@ -250,7 +185,7 @@ class Flusher:
         try:
             await fn()
         except rexc.ResponseError as exc:
-            if _lost_group(exc):
+            if lost_group(exc):
                 raise
             log.warning("flusher housekeeping (%s) failed: %s", getattr(fn, "__name__", fn), exc)
 
@@ -274,7 +209,7 @@ class Flusher:
         if block is not None:
             args += ["BLOCK", block]
         send: Callable[..., Awaitable[Any]] = self._raw.execute_command  # untyped in redis-py
-        return _entries(await send(
+        return parse_entries(await send(
             "XREADGROUP", *args, "STREAMS", *self.streams, *[start] * len(self.streams)))
 
     async def _claim(self) -> int:
@@ -417,20 +352,7 @@ class Flusher:
 
     async def trim(self) -> None:
         """XTRIM each stream below its oldest pending entry (or its last delivered one)."""
-        for stream in self.streams:
-            try:
-                groups = await self.redis.xinfo_groups(stream)
-            except rexc.ResponseError:  # no such stream (yet, or any more): nothing to trim
-                continue
-            g = next((g for g in groups if g["name"] == self.config.group), None)
-            if g is None:
-                continue
-            if len(groups) > 1:  # another group may still need older entries
-                continue
-            pending = await self.redis.xpending(stream, self.config.group)
-            boundary = pending["min"] if pending["pending"] else g["last-delivered-id"]
-            if boundary and boundary != "0-0":
-                await self.redis.xtrim(stream, minid=boundary, approximate=False)
+        await trim_streams(self.redis, self.streams, self.config.group)
 
     async def lag(self) -> dict[str, Any]:
         """Pending count and oldest unflushed entry age over all shards."""
@@ -439,50 +361,15 @@ class Flusher:
                 "oldest_unflushed_seconds": max((b.oldest_unacked_age_s for b in shards), default=0.0)}
 
     async def remove_idle_consumers(self) -> list[str]:
-        """XGROUP DELCONSUMER every other consumer idle past consumer_idle_delete_ms with no
-        pending entries (names of dead flushers; with stable names there are few)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.xinfo_consumers(stream, self.config.group)
-            replies = await pipe.execute(raise_on_error=False)
-        removed: list[str] = []
-        for stream, consumers in zip(self.streams, replies, strict=True):
-            if isinstance(consumers, Exception):  # no stream or group here
-                continue
-            for c in consumers:
-                name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
-                if name == self.config.consumer or int(c["pending"]) \
-                        or int(c["idle"]) < self.config.consumer_idle_delete_ms:
-                    continue
-                lost = await self.redis.xgroup_delconsumer(stream, self.config.group, name)
-                if lost:  # it read entries between XINFO and now: a live flusher after all
-                    log.error("removed consumer %s on %s had %s pending entries: they are redelivered "
-                              "only by a rewind (XGROUP SETID); run `tokenmeter reconcile`", name, stream, lost)
-                removed.append(f"{stream}/{name}")
+        """Remove other consumers idle past consumer_idle_delete_ms with nothing pending."""
+        removed = await remove_idle_consumers(self.redis, self.streams, self.config.group,
+                                              keep=self.config.consumer,
+                                              idle_ms=self.config.consumer_idle_delete_ms)
         if removed:
             log.info("removed %d idle consumer entries (pending none): %s", len(removed), ", ".join(removed[:10]))
             metrics.CONSUMERS_REMOVED.inc(len(removed))
             self.stats.consumers_removed += removed
         return removed
-
-
-def _as_is(response: Any, **_: Any) -> Any:  # named as redis-py's ResponseCallbackProtocol
-    return response
-
-
-def _entries(reply: Any) -> list[Entry]:
-    """(stream, id, fields) of a raw XREADGROUP reply: a map of stream → entries (RESP3) or a
-    list of [stream, entries] (RESP2); an entry is [id, [field, value, ...]], or [id, nil] when
-    it was deleted while pending (nothing to write: skipped)."""
-    if not reply:
-        return []
-    out: list[Entry] = []
-    for stream, entries in reply.items() if isinstance(reply, dict) else reply:
-        for eid, flat in entries:
-            if flat is not None:
-                it = iter(flat)
-                out.append((stream, eid, dict(zip(it, it, strict=False))))  # Redis keeps fields in pairs
-    return out
 
 
 async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:

@@ -11,10 +11,11 @@ from sqlalchemy import func, select, text
 
 from meter import Meter
 from meter import keys as keyspace
-from persistence.flusher import Flusher, FlusherConfig, _entries
+from persistence.flusher import Flusher, FlusherConfig
 from persistence.ledger import LedgerWriter
 from persistence.models import TokenBalance, TokenTransaction
 from persistence.reconcile import reconcile
+from persistence.streams import parse_entries as _entries
 from tests.conftest import LUA_BACKENDS, MeterFactory, journal_of
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.usefixtures("real_redis")]
