@@ -1,7 +1,7 @@
 """Payment providers: create an order for a purchase; verify and parse a webhook into one
 normalized event. Two providers: `test` (built in, for development and tests; its checkout is
 completed by a signed call) and `razorpay` (Orders API + webhooks signed with HMAC-SHA256 of the
-raw body). What an event does to a purchase and a wallet lives in `api.routes.purchases`.
+raw body). What an event does to a purchase and a wallet lives in `api.billing`.
 No web framework here: the app builds one `Payments` in its state (api/state.py).
 
 Secrets come from settings only: TOKENMETER_TEST_PAYMENT_SECRET, TOKENMETER_RAZORPAY_KEY_ID,

@@ -3,24 +3,7 @@
 provider's signed checkout). A plan purchase's paid event changes the plan instead of crediting
 tokens (`api.plan_billing`), by the same exactly-once steps.
 
-Exactly-once crediting. Every verified event is applied in ONE database transaction:
-  1. the purchase is found by (provider, order id) and the event's amount and currency are
-     checked against it (a mismatch is refused and logged; nothing is recorded);
-  2. the event is inserted into `payment_events`, unique on (provider, event id) and on
-     (provider, kind, payment/refund id): a redelivered, replayed or concurrent copy of an event
-     waits for the first copy's transaction and then fails here -> 409, nothing changes;
-  3. the purchase row is locked (SELECT ... FOR UPDATE; SQLite holds its write lock already)
-     and moved by a conditional UPDATE (pending/failed/expired -> paid; pending -> failed;
-     paid -> refunded);
-  4. the wallet change is made, still inside the transaction, idempotently by request id
-     (`purchase:<purchase id>` credits the premium bucket, `refund:<refund id>` takes tokens
-     back; for a plan purchase `plan:<purchase id>` sets the plan, `planrefund:<purchase id>` restores
-     the one before), and its journal id is stored on the row; then COMMIT.
-If Redis is down the wallet call fails, the transaction rolls back, nothing is recorded and the
-provider's retry does it all again. If the commit fails after the wallet call, the retry repeats
-it and the wallet call is a replay (same request id) that changes nothing. Because the duplicate
-copies of an event only get past step 2 after the first copy committed, exactly one delivery
-answers 200 and the rest 409, and the tokens are credited once.
+What a payment event does, exactly once, is in `api.billing`; these routes translate.
 """
 
 from __future__ import annotations
@@ -28,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
@@ -37,7 +20,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from api import plan_billing
+from api import billing
 from api.deps import current_user
 from api.errors import error_body
 from api.payments import (
@@ -48,18 +31,15 @@ from api.payments import (
     PaymentProvider,
     Payments,
     ProviderError,
-    WebhookEvent,
 )
 from api.plan_billing import period_label
 from api.state import AppState, app_state, payments
-from persistence.journaled import journaled_change
-from persistence.models import PaymentEvent, TokenPurchase, utcnow
+from persistence.models import TokenPurchase, utcnow
 
 router = APIRouter(tags=["purchases"])
 log = logging.getLogger("tokenmeter.payments")
 
 MAX_WEBHOOK_BYTES = 64 * 1024
-PAYABLE = ("pending", "failed", "expired")
 
 IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=255,
                                               description="retries with the same key return the same purchase")]
@@ -73,9 +53,6 @@ def _inr(paise: int) -> str:
     return f"{paise // 100}.{paise % 100:02d}"
 
 
-def _expired(state: AppState, row: TokenPurchase) -> bool:
-    ttl = timedelta(seconds=state.rt.settings.purchase_checkout_ttl_s)
-    return row.status == "pending" and _aware(row.created_at) + ttl <= datetime.now(UTC)
 
 
 def _body(state: AppState, pay: Payments, row: TokenPurchase, *, replayed: bool | None = None) -> dict[str, Any]:
@@ -147,9 +124,10 @@ async def find_or_create(state: AppState, account_id: str, item: Item, key: str 
                         return found, True
                 row = TokenPurchase(id=str(uuid.uuid4()), account_id=account_id, package_id=item.package_id,
                                     tokens=item.tokens, amount_paise=item.amount_paise, currency="INR",
-                                    status="pending", provider=provider, idempotency_key=key, refunded_tokens=0,
-                                    refunded_paise=0, owed_tokens=0, created_at=utcnow(), kind=item.kind,
-                                    plan_id=item.plan_id, period=item.period, previous_plan=item.previous_plan)
+                                    status=billing.PurchaseStatus.PENDING, provider=provider, idempotency_key=key,
+                                    refunded_tokens=0, refunded_paise=0, owed_tokens=0, created_at=utcnow(),
+                                    kind=item.kind, plan_id=item.plan_id, period=item.period,
+                                    previous_plan=item.previous_plan)
                 session.add(row)
             return row, False
         except IntegrityError:  # a concurrent request with the same key created it: read that one
@@ -205,11 +183,12 @@ async def start_purchase(state: AppState, pay: Payments, account_id: str, item: 
 
 
 async def _expire(state: AppState, row: TokenPurchase) -> TokenPurchase:
-    if not _expired(state, row):
+    if not billing.checkout_expired(state.rt, row):
         return row
     async with state.rt.db.sessions() as session, session.begin():
         await session.execute(update(TokenPurchase).where(
-            TokenPurchase.id == row.id, TokenPurchase.status == "pending").values(status="expired"))
+            TokenPurchase.id == row.id, TokenPurchase.status == billing.PurchaseStatus.PENDING).values(
+                status=billing.PurchaseStatus.EXPIRED))
         return (await session.execute(select(TokenPurchase).where(TokenPurchase.id == row.id))).scalar_one()
 
 
@@ -236,23 +215,16 @@ async def get_purchase(purchase_id: str, account_id: str = Depends(current_user)
 # -- payment events ----------------------------------------------------------------------------
 
 
-def _refuse(status: int, error: str, message: str, event: WebhookEvent | None = None, **details: Any
-            ) -> HTTPException:
-    where = f" (provider {event.provider}, event {event.event_id}, order {event.order_id})" if event else ""
-    log.warning("payment event refused: %s: %s%s", error, message, where)
-    return HTTPException(status, detail=error_body(error, message, **details))
-
-
 async def _receive(request: Request, state: AppState, provider: PaymentProvider) -> JSONResponse:
     body = await request.body()
     if len(body) > MAX_WEBHOOK_BYTES:
-        raise _refuse(413, "payload_too_large", f"webhook bodies are at most {MAX_WEBHOOK_BYTES} bytes")
+        raise _http(413, "payload_too_large", f"webhook bodies are at most {MAX_WEBHOOK_BYTES} bytes")
     try:
         event = provider.parse_webhook(body, request.headers)
     except BadSignature as exc:
-        raise _refuse(400, "invalid_signature", f"{provider.name} webhook: {exc}") from None
+        raise _http(400, "invalid_signature", f"{provider.name} webhook: {exc}") from None
     except BadPayload as exc:
-        raise _refuse(400, "invalid_payload", f"{provider.name} webhook: {exc}") from None
+        raise _http(400, "invalid_payload", f"{provider.name} webhook: {exc}") from None
     except NotConfigured as exc:
         log.error("%s webhook received but the provider is not configured: %s", provider.name, exc)
         raise HTTPException(404, detail=error_body(
@@ -260,154 +232,17 @@ async def _receive(request: Request, state: AppState, provider: PaymentProvider)
     if event is None:
         log.info("%s webhook of a type this service ignores, acknowledged", provider.name)
         return JSONResponse({"status": "ignored"})
-    status, out = await apply_event(state, provider, event)
-    return JSONResponse(out, status_code=status)
+    try:
+        applied = await billing.apply_event(state.rt, provider, event)
+    except billing.Refused as exc:
+        raise HTTPException(exc.status, detail=exc.body) from None
+    return JSONResponse(applied.body, status_code=applied.status)
 
 
-async def apply_event(state: AppState, provider: PaymentProvider, event: WebhookEvent) -> tuple[int, dict[str, Any]]:
-    """Apply one verified event to its purchase and the wallet, exactly once (see the module doc).
-    Returns (HTTP status, body); refusals raise HTTPException and change nothing."""
-    rt = state.rt
-    async with rt.db.sessions() as session, session.begin():
-        row = (await session.execute(select(TokenPurchase).where(
-            TokenPurchase.provider == event.provider, TokenPurchase.provider_order_id == event.order_id))
-        ).scalar_one_or_none()
-        if row is None:
-            raise _refuse(404, "unknown_order", f"no purchase has order {event.order_id!r}", event,
-                          order_id=event.order_id)
-        if event.currency != row.currency:
-            raise _refuse(422, "currency_mismatch", f"the event's currency {event.currency} is not the order's "
-                          f"{row.currency}", event, field="currency", expected=row.currency, got=event.currency)
-        if event.amount != row.amount_paise:
-            raise _refuse(422, "amount_mismatch", f"the event's amount {event.amount} is not the order's "
-                          f"{row.amount_paise} (paise)", event, field="amount", expected=row.amount_paise,
-                          got=event.amount)
-        purchase_id = row.id
-        record = PaymentEvent(provider=event.provider, event_id=event.event_id, event_type=event.event_type,
-                              kind=event.kind, object_id=event.object_id, order_id=event.order_id,
-                              purchase_id=row.id, amount_paise=event.amount, currency=event.currency,
-                              refunded_paise=event.refunded_amount, tokens=0, outcome="received",
-                              received_at=utcnow())
-        session.add(record)
-        try:
-            await session.flush()  # waits for a concurrent copy of this event; fails if it committed
-        except IntegrityError:
-            log.info("payment event replayed: provider %s, event %s (%s %s), order %s", event.provider,
-                     event.event_id, event.kind, event.object_id, event.order_id)
-            raise HTTPException(409, detail=error_body(
-                "duplicate_event", f"event {event.event_id!r} ({event.kind} {event.object_id}) was already "
-                f"processed; nothing changed", event_id=event.event_id, purchase_id=purchase_id)) from None
-        row = (await session.execute(select(TokenPurchase).where(TokenPurchase.id == purchase_id).with_for_update()
-                                     .execution_options(populate_existing=True))).scalar_one()
-        if event.kind == "paid":
-            status, out = await _paid(state, provider, session, row, record, event)
-        elif event.kind == "failed":
-            status, out = await _failed(session, row, record, event)
-        else:
-            status, out = await _refunded(state, session, row, record, event)
-        record.outcome = out["outcome"]
-    log.info("payment event %s (%s) of purchase %s: %s", event.event_id, event.event_type, out["purchase_id"],
-             out["outcome"])
-    return status, out
-
-
-def _result(row: TokenPurchase, event: WebhookEvent, outcome: str, **more: Any) -> dict[str, Any]:
-    return {"status": "processed", "outcome": outcome, "event_id": event.event_id, "kind": event.kind,
-            "purchase_id": row.id, "purchase_status": row.status, **more}
-
-
-async def _paid(state: AppState, provider: PaymentProvider, session: Any, row: TokenPurchase,
-                record: PaymentEvent, event: WebhookEvent) -> tuple[int, dict[str, Any]]:
-    if row.status not in PAYABLE:
-        log.warning("a second payment %s for purchase %s (already %s): not credited; refund it",
-                    event.object_id, row.id, row.status)
-        return 200, _result(row, event, "ignored", credited_tokens=0,
-                            message=f"the purchase is already {row.status}; nothing credited")
-    if provider.checkout_closes and (row.status == "expired" or _expired(state, row)):
-        await session.execute(update(TokenPurchase).where(TokenPurchase.id == row.id, TokenPurchase.status.in_(
-            PAYABLE)).values(status="expired"))
-        row.status = "expired"
-        log.warning("payment %s for expired purchase %s refused", event.object_id, row.id)
-        return 410, {**error_body("order_expired", f"purchase {row.id} expired before it was paid; nothing "
-                                  "credited", purchase_id=row.id), "outcome": "expired", "purchase_id": row.id}
-    moved = await session.execute(update(TokenPurchase).where(
-        TokenPurchase.id == row.id, TokenPurchase.status.in_(PAYABLE)).values(
-        status="paid", paid_at=utcnow(), provider_payment_id=event.payment_id))
-    if moved.rowcount != 1:  # cannot happen while the row is locked; refuse rather than credit twice
-        raise _refuse(409, "concurrent_update", f"purchase {row.id} changed concurrently; retry", event)
-    if row.kind == "plan":
-        applied = await plan_billing.apply_paid(state.rt, session, row)
-        record.tokens = 0
-        row.status = "paid"
-        return 200, _result(row, event, "plan_applied", credited_tokens=0, **applied)
-    pack = state.rt.catalog.packs.get(row.package_id)
-    request_id = f"purchase:{row.id}"
-    earlier = await journaled_change(session, row.account_id, request_id)
-    if earlier is not None:  # credited by a delivery whose commit failed: record it, never again
-        transaction_id, remaining = earlier, (await state.rt.meter.balance(row.account_id)).remaining_tokens
-    else:
-        receipt = await state.rt.meter.credit(
-            row.account_id, row.tokens, bucket="premium", kind="purchase",
-            note=f"Purchase: {pack.name if pack else row.package_id} ({row.tokens} tokens)",
-            reference=row.id, request_id=request_id)
-        transaction_id, remaining = receipt.transaction_id, receipt.remaining
-    await session.execute(update(TokenPurchase).where(TokenPurchase.id == row.id).values(
-        credit_transaction_id=transaction_id))
-    record.tokens = row.tokens
-    row.status = "paid"
-    return 200, _result(row, event, "credited", credited_tokens=row.tokens, transaction_id=transaction_id,
-                        remaining_tokens=remaining)
-
-
-async def _failed(session: Any, row: TokenPurchase, record: PaymentEvent, event: WebhookEvent
-                  ) -> tuple[int, dict[str, Any]]:
-    moved = await session.execute(update(TokenPurchase).where(
-        TokenPurchase.id == row.id, TokenPurchase.status.in_(("pending", "expired"))).values(
-        status="failed", provider_payment_id=event.payment_id))
-    if moved.rowcount == 1:
-        row.status = "failed"
-        return 200, _result(row, event, "failed", credited_tokens=0)
-    return 200, _result(row, event, "ignored", credited_tokens=0,  # e.g. a failed attempt reported after a paid one
-                        message=f"the purchase is {row.status}; nothing changed")
-
-
-async def _refunded(state: AppState, session: Any, row: TokenPurchase, record: PaymentEvent,
-                    event: WebhookEvent) -> tuple[int, dict[str, Any]]:
-    if row.status not in ("paid", "refunded"):  # e.g. delivered before the payment: the retry will do
-        raise _refuse(409, "not_paid", f"purchase {row.id} is {row.status}, not paid; the refund can only be "
-                      "applied after the payment", event, purchase_id=row.id)
-    before = row.refunded_paise
-    after = before + event.refunded_amount
-    if after > row.amount_paise:
-        raise _refuse(422, "refund_exceeds_payment", f"refunds would total {after} paise of a {row.amount_paise} "
-                      "paise payment", event, field="refunded_amount")
-    if row.kind == "plan":  # the first refund of a plan takes the plan back; later parts only add up money
-        reverted = await plan_billing.revert_refunded(state.rt, session, row) if row.status == "paid" \
-            else {"plan_reverted": False}
-        await session.execute(update(TokenPurchase).where(TokenPurchase.id == row.id).values(
-            status="refunded", refunded_paise=after))
-        row.status = "refunded"
-        return 200, _result(row, event, "refunded", refunded_amount=event.refunded_amount, refund_tokens=0,
-                            taken_tokens=0, owed_tokens=0, **reverted)
-    # Tokens for the money refunded so far minus those already handled: refunds in parts add up.
-    tokens = row.tokens * after // row.amount_paise - row.tokens * before // row.amount_paise
-    taken = owed = 0
-    transaction_id = None
-    if tokens:
-        receipt = await state.rt.meter.adjust(
-            row.account_id, tokens, bucket="premium", kind="refund", note=f"Refund of purchase {row.id}",
-            reference=row.id, request_id=f"refund:{event.object_id}")
-        taken, owed, transaction_id = receipt.tokens, receipt.uncollected, receipt.transaction_id or None
-    await session.execute(update(TokenPurchase).where(TokenPurchase.id == row.id).values(
-        status="refunded", refunded_paise=after, refunded_tokens=TokenPurchase.refunded_tokens + taken,
-        owed_tokens=TokenPurchase.owed_tokens + owed))
-    record.tokens = taken
-    row.status = "refunded"
-    if owed:
-        log.warning("refund %s of purchase %s: %d tokens were already spent and are owed", event.object_id,
-                    row.id, owed)
-    return 200, _result(row, event, "refunded", refunded_amount=event.refunded_amount, refund_tokens=tokens,
-                        taken_tokens=taken, owed_tokens=owed, transaction_id=transaction_id)
+def _http(status: int, error: str, message: str) -> HTTPException:
+    """A refusal before the event is known (size, signature, payload), logged like billing's."""
+    exc = billing.refuse(status, error, message)
+    return HTTPException(exc.status, detail=exc.body)
 
 
 @router.post("/api/v1/payments/webhook/{provider_name}", tags=["payments"],
