@@ -8,7 +8,7 @@ import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from fastapi import HTTPException
 from redis.asyncio import Redis
@@ -35,7 +35,7 @@ def _fail_closed(method: F) -> F:
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"auth limits: {exc}") from exc
 
-    return guarded  # type: ignore[return-value]
+    return cast(F, guarded)
 
 
 def _too_many(error: str, message: str, retry_after_s: int) -> HTTPException:

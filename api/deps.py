@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from fastapi import Depends, Header, HTTPException, Request
 from redis import exceptions as redis_errors
@@ -161,7 +162,7 @@ async def _lookup(state: AppState, key: str, digest: str) -> Principal | None:
     return Principal("service", row.id, frozenset(s for s in row.scopes.split(",") if s))
 
 
-def require_scope(scope: str):  # type: ignore[no-untyped-def]
+def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
     async def check(principal: Principal = Depends(service_principal)) -> Principal:
         if scope not in principal.scopes:
             raise HTTPException(403, detail={"error": "forbidden",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -117,7 +117,7 @@ async def _handled(app: Any, scope: Scope, exc: Exception) -> Response:
             response = handler(Request(scope), exc)
             if inspect.isawaitable(response):
                 response = await response
-            return response  # type: ignore[no-any-return]
+            return cast(Response, response)
     raise exc
 
 

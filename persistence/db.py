@@ -7,6 +7,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import exc as saexc
 from sqlalchemy.engine import make_url
@@ -132,7 +133,7 @@ class Database:
             _create_private(make_url(self.url).database)
 
             @event.listens_for(self.engine.sync_engine, "connect")
-            def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")

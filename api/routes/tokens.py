@@ -11,14 +11,14 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import current_user
@@ -233,7 +233,7 @@ async def _redeem(state: AppState, account_id: str, code: str) -> dict[str, Any]
             PromoCode.code == code,
             (PromoCode.max_redemptions.is_(None)) | (PromoCode.redemptions < PromoCode.max_redemptions),
         ).values(redemptions=PromoCode.redemptions + 1))
-        if taken.rowcount != 1:  # type: ignore[attr-defined]
+        if cast("CursorResult[Any]", taken).rowcount != 1:
             raise HTTPException(410, detail=error_body("code_exhausted", f"promo code {code!r} is used up",
                                                        field="promo_code"))
         request_id = f"promo:{code}"
