@@ -16,6 +16,8 @@ Revises: 0003
 Create Date: 2026-11-24
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -31,7 +33,7 @@ TABLE = "token_transactions"
 ID_CHECK = "transaction_id = account_id || ':' || CAST(seq AS TEXT)"
 
 
-def _columns() -> list[sa.Column]:  # type: ignore[type-arg]
+def _columns() -> list[sa.Column[Any]]:
     """Every column but the old serial id (as in 0001)."""
     return [
         sa.Column("transaction_id", sa.String(160), nullable=False),
@@ -57,7 +59,7 @@ def _columns() -> list[sa.Column]:  # type: ignore[type-arg]
     ]
 
 
-def _rebuild_sqlite(new_table: list[sa.Column | sa.Constraint], order_by: str) -> None:  # type: ignore[type-arg]
+def _rebuild_sqlite(new_table: list[sa.Column[Any] | sa.Constraint], order_by: str) -> None:
     names = ", ".join(c.name for c in _columns())
     op.execute(f"DROP TABLE IF EXISTS {TABLE}_new")  # left by an earlier attempt that failed midway
     op.create_table(f"{TABLE}_new", *new_table)
