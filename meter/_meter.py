@@ -106,6 +106,15 @@ class Meter(ScriptCalls):
         reply = await self._run("open", account_id, "", "", args)
         return bool(reply[wire.CODE] == "ok")
 
+    def _labels(self, agent: str | None, model: str | None, input_tokens: int | None,
+                output_tokens: int | None, project_id: str | None) -> tuple[str, str, str | int, str | int, str]:
+        """A charge's journaled labels, checked: agent, model, input and output tokens, project."""
+        self.catalog.check_agent(agent)
+        self.catalog.check_model(model)
+        inp = "" if input_tokens is None else check_int("input_tokens", input_tokens, low=0)
+        out = "" if output_tokens is None else check_int("output_tokens", output_tokens, low=0)
+        return agent or "", model or "", inp, out, check_text("project_id", project_id)
+
     async def debit(
         self,
         account_id: str,
@@ -122,12 +131,7 @@ class Meter(ScriptCalls):
         check_account_id(account_id)
         check_int("tokens", tokens)
         rid = check_request_id(request_id)
-        self.catalog.check_agent(agent)
-        self.catalog.check_model(model)
-        inp = "" if input_tokens is None else check_int("input_tokens", input_tokens, low=0)
-        out = "" if output_tokens is None else check_int("output_tokens", output_tokens, low=0)
-        pj = check_text("project_id", project_id)
-        args = (tokens, agent or "", model or "", inp, out, pj)
+        args = (tokens, *self._labels(agent, model, input_tokens, output_tokens, project_id))
         fp = _fingerprint("debit", *args) if rid else ""
         return self._decision(account_id, await self._run("debit", account_id, rid, fp, args))
 
@@ -151,12 +155,7 @@ class Meter(ScriptCalls):
         check_account_id(account_id)
         check_int("tokens", tokens, low=0)
         rid = check_request_id(request_id)
-        self.catalog.check_agent(agent)
-        self.catalog.check_model(model)
-        inp = "" if input_tokens is None else check_int("input_tokens", input_tokens, low=0)
-        out = "" if output_tokens is None else check_int("output_tokens", output_tokens, low=0)
-        pj = check_text("project_id", project_id)
-        args = (tokens, agent or "", model or "", inp, out, pj)
+        args = (tokens, *self._labels(agent, model, input_tokens, output_tokens, project_id))
         fp = _fingerprint("usage", *args) if rid else ""
         r = wire.decode_reply(await self._run("usage", account_id, rid, fp, args))
         return Receipt(f"{account_id}:{r.id}", r.available, r.held, r.replayed, tokens=tokens,
@@ -210,12 +209,7 @@ class Meter(ScriptCalls):
         check_hold_id(hold_id)
         check_int("actual_tokens", actual_tokens, low=0)
         rid = check_request_id(request_id)
-        self.catalog.check_agent(agent)
-        self.catalog.check_model(model)
-        inp = "" if input_tokens is None else check_int("input_tokens", input_tokens, low=0)
-        out = "" if output_tokens is None else check_int("output_tokens", output_tokens, low=0)
-        pj = check_text("project_id", project_id)
-        args = (hold_id, actual_tokens, agent or "", model or "", inp, out, pj)
+        args = (hold_id, actual_tokens, *self._labels(agent, model, input_tokens, output_tokens, project_id))
         fp = _fingerprint("settle", *args) if rid else ""
         return self._receipt(account_id, await self._run("settle", account_id, rid, fp, args), hold_id)
 
