@@ -24,7 +24,7 @@ from persistence.models import Account, ApiKey
 
 __all__ = [
     "authenticate_service", "authorize", "current_user", "mark_api_key_revoked", "require_scope",
-    "service_principal", "service_with_scope",
+    "service_principal", "service_with_scope", "with_scope",
 ]
 
 log = logging.getLogger("tokenmeter.api")
@@ -82,7 +82,11 @@ async def service_with_scope(request: Request, scope: str) -> Principal:
 
 async def authorize(state: AppState, authorization: str | None, x_api_key: str | None, scope: str) -> Principal:
     """The service key of `Authorization: Bearer <key>` (or `X-API-Key`), verified, with `scope`."""
-    principal = await authenticate_service(state, _bearer(authorization) or x_api_key)
+    return with_scope(await authenticate_service(state, _bearer(authorization) or x_api_key), scope)
+
+
+def with_scope(principal: Principal, scope: str) -> Principal:
+    """The one scope check: the principal, or 403 naming the missing scope."""
     if scope not in principal.scopes:
         raise HTTPException(403, detail={"error": "forbidden", "message": f"this key lacks the '{scope}' scope"})
     return principal
@@ -163,10 +167,8 @@ async def _lookup(state: AppState, key: str, digest: str) -> Principal | None:
 
 
 def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
+    """FastAPI dependency: the service key's principal, with `scope` (see `with_scope`)."""
     async def check(principal: Principal = Depends(service_principal)) -> Principal:
-        if scope not in principal.scopes:
-            raise HTTPException(403, detail={"error": "forbidden",
-                                             "message": f"this key lacks the '{scope}' scope"})
-        return principal
+        return with_scope(principal, scope)
 
     return check
