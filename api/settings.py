@@ -131,6 +131,40 @@ class Settings(BaseSettings):
                                          description="a pending purchase expires after this (test checkout "
                                                      "refuses to complete it)")
 
+    upstream_openai: str | None = Field(
+        default=None, description="base URL of an OpenAI-compatible API, as an OpenAI SDK's base_url "
+                                  "(https://api.openai.com/v1): mounts the metering proxy at /llm/openai/v1/...")
+    upstream_openai_key: str | None = Field(default=None, description="the upstream's API key (sent as Bearer); "
+                                                                      "callers never see or send it")
+    upstream_anthropic: str | None = Field(
+        default=None, description="base URL of the Anthropic API, as the Anthropic SDK's base_url "
+                                  "(https://api.anthropic.com): mounts the metering proxy at /llm/anthropic/v1/...")
+    upstream_anthropic_key: str | None = Field(default=None, description="the upstream's API key (x-api-key)")
+    anthropic_version: str = Field(default="2023-06-01",
+                                   description="anthropic-version sent upstream when the caller sends none")
+    proxy_passthrough: bool = Field(
+        default=False, description="forward other paths of a configured upstream unmetered (e.g. GET /v1/models); "
+                                   "off: they answer 404")
+    proxy_default_output_tokens: int = Field(
+        default=1_024, ge=1, le=1_000_000,
+        description="output tokens held for a call that sets no max_tokens (the hold is cut to the plan's "
+                    "per-request maximum; the call is charged what the upstream reports either way)")
+    proxy_hold_ttl_ms: int = Field(default=1_800_000, ge=1_000, le=86_400_000,
+                                   description="how long a proxied call's hold lives (the longest stream)")
+    proxy_connect_timeout_s: float = Field(default=10.0, gt=0, le=300,
+                                           description="connecting to the upstream gives up after this: 502")
+    proxy_read_timeout_s: float = Field(
+        default=600.0, gt=0, le=3600, description="the upstream silent this long (before or between chunks): 504, "
+                                                  "or the stream is ended")
+    proxy_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1_024, le=64 * 1024 * 1024,
+                                      description="largest request body the proxy forwards (413 above)")
+    proxy_max_connections: int = Field(default=512, ge=1, le=100_000,
+                                       description="connections to each upstream, pooled")
+
+    @property
+    def proxy_enabled(self) -> bool:
+        return bool(self.upstream_openai or self.upstream_anthropic)
+
     @property
     def embedded_redis(self) -> bool:
         return not self.redis_url

@@ -11,6 +11,7 @@ from fastapi import Request
 from api.agents import AgentRunner, SimulatedAgentRunner
 from api.auth_state import AuthState
 from api.payments import Payments
+from api.proxy import LlmProxy
 from api.runtime import Runtime
 from api.security import ApiKeyCache
 
@@ -25,6 +26,7 @@ class AppState:
     auth: AuthState
     payments: Payments  # the payment providers (api/payments.py)
     agent_runner: AgentRunner  # what runs a project's agents (api/agents.py; a simulation by default)
+    proxy: LlmProxy | None = None  # the metering proxy's upstreams (api/proxy.py), when configured
     tasks: list[Any] = field(default_factory=list)
     background: Any = None  # api.background.Background, set by the lifespan
 
@@ -34,7 +36,8 @@ class AppState:
         s = rt.settings
         return cls(rt=rt, jwt_secret=s.jwt_secret or secrets.token_urlsafe(32),
                    key_cache=ApiKeyCache(s.api_key_cache_s, s.api_key_stale_s), auth=AuthState.build(rt),
-                   payments=Payments.build(s), agent_runner=agent_runner or SimulatedAgentRunner())
+                   payments=Payments.build(s), agent_runner=agent_runner or SimulatedAgentRunner(),
+                   proxy=LlmProxy(s) if s.proxy_enabled else None)
 
 
 async def app_state(request: Request) -> AppState:  # async: no thread-pool hop per request

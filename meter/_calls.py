@@ -156,7 +156,8 @@ class ScriptCalls:
         if code == "conflict":
             raise IdempotencyConflict(request_id)
         if code == "over_max":
-            raise InvalidInput("tokens", f"exceeds the plan's per-request maximum of {reply[wire.X1]}")
+            raise InvalidInput("tokens", f"exceeds the plan's per-request maximum of {reply[wire.X1]}",
+                               maximum=int(reply[wire.X1]))
         if code == "overflow":
             raise InvalidInput("tokens", "would take the bucket past 2^53")
         return reply

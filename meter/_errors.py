@@ -22,10 +22,11 @@ class MeterError(Exception):
 class InvalidInput(MeterError, ValueError):
     """A caller's argument is wrong; nothing was changed. `field` names the argument."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, *, maximum: int | None = None) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.maximum = maximum  # the limit passed, when the value was over one (the plan's per-request maximum)
 
 
 class UnknownAccount(MeterError, LookupError):

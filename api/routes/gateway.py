@@ -46,14 +46,17 @@ _DENY_REASON = {404: "unknown_account", 409: "idempotency_conflict", 422: "inval
 
 
 async def _account(request: Request, state: AppState) -> str:
+    h = request.headers
+    return await charged_account(request, state, key=h.get("x-tokenmeter-key") or h.get("x-api-key"),
+                                 authorization=h.get("authorization"), named=h.get("x-tokenmeter-account"))
+
+
+async def charged_account(request: Request, state: AppState, *, key: str | None, authorization: str | None,
+                          named: str | None) -> str:
     """Who is charged. A service key with the meter scope names the account in
     X-Tokenmeter-Account (or passes the user's token along); a user token alone charges its own
-    account."""
-    h = request.headers
-    key = h.get("x-tokenmeter-key") or h.get("x-api-key")
-    authorization = h.get("authorization")
+    account. (The gateway check and the metering proxy, api/proxy.py.)"""
     bearer = _bearer(authorization)
-    named = h.get("x-tokenmeter-account")
     user = read_token(state.jwt_secret, bearer) if bearer else None
     if user is not None and not key:
         if named is not None and named != user:
