@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 
 from api.background import Background
 from api.body_limit import BodySizeLimit
+from api.dashboard import install_dashboard
 from api.errors import install_error_handlers
 from api.fastpath import MeterFastPath
 from api.headers import PrivateHeaders
@@ -102,4 +103,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(projects.router)
     app.include_router(plans.router)
     app.include_router(admin.router)
+    install_dashboard(app)  # `/` and `/static`: after every API route, which are matched first
     return app

@@ -15,7 +15,7 @@ from api.deps import current_user
 from api.errors import error_body
 from api.metering import json_response
 from api.state import AppState, app_state
-from meter._http import decision_headers, denial_body, insufficient_body
+from meter._http import PACKAGES_URL, decision_headers, denial_body, insufficient_body
 from persistence.models import Project
 
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
@@ -38,6 +38,16 @@ async def create_project(body: ProjectIn, account_id: str = Depends(current_user
     async with state.rt.db.sessions() as session, session.begin():
         session.add(project)
     return {"id": project.id, "title": project.title, "description": project.description, "status": "created"}
+
+
+@router.get("/estimate", summary="Whether the balance covers the next project run (the 402 body's figures)")
+async def estimate(account_id: str = Depends(current_user), state: AppState = Depends(app_state)) -> dict[str, Any]:
+    """What `execute` checks first, asked ahead: the dashboard's out-of-tokens banner shows the
+    shortage before a run is refused. `shortage` is 0 when the balance covers the estimate."""
+    required = state.rt.catalog.project_estimate_tokens
+    available = (await state.rt.meter.balance(account_id)).remaining_tokens
+    return {"required": required, "available": available, "shortage": max(required - available, 0),
+            "sufficient": available >= required, "packages_url": PACKAGES_URL}
 
 
 @router.post("/{project_id}/execute", summary="Run the agents in order, metering each one",

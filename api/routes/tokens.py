@@ -68,7 +68,9 @@ async def transactions(
     q = select(tx).where(tx.account_id == account_id).order_by(tx.seq.desc()).limit(limit + 1)
     if cursor is not None:  # the account's journal sequence: newest first, served by the table's key
         q = q.where(tx.seq < cursor)
-    if type:
+    if type == "usage":  # the list shows a hold's settle as usage: the filter finds both
+        q = q.where(tx.transaction_type.in_(USAGE_TYPES))
+    elif type:
         q = q.where(tx.transaction_type == type)
     if agent:
         q = q.where(tx.agent_type == agent)
@@ -133,7 +135,7 @@ async def analytics(account_id: str = Depends(current_user), state: AppState = D
         "total_tokens_used": used, "total_tokens_added": added, "total_transactions": count,
         "agent_usage_breakdown": dict(by_agent), "model_usage_breakdown": dict(by_model),
         "estimated_cost": {"usd": _money(usd, 6), "inr": _money(inr, 2), "usd_micros": usd, "inr_paise": inr},
-        "average_tokens_per_request": round(used / requests, 2) if requests else 0.0,
+        "average_tokens_per_request": round(used / requests, 2) if requests else 0.0, "usage_requests": requests,
         "usage_per_day": dict(sorted(by_day.items())),
         "unpriced": {"requests": unpriced_requests, "tokens": unpriced_tokens, "models": sorted(unpriced_models)},
     }
@@ -149,13 +151,15 @@ async def packages(state: AppState = Depends(app_state)) -> dict[str, Any]:
     return {
         "packs": [{"id": p.id, "name": p.name, "tokens": p.tokens, "price_inr": _money(p.price_inr_paise, 2),
                    "price_inr_paise": p.price_inr_paise, "price_usd": _money(usd_cents(p.price_inr_paise), 2),
-                   "most_popular": p.popular} for p in cat.packs.values()],
+                   "price_usd_cents": usd_cents(p.price_inr_paise), "most_popular": p.popular}
+                  for p in cat.packs.values()],
         "plans": [{"id": p.id, "name": p.name, "monthly_tokens": p.monthly_tokens,
                    "price_inr": _money(p.price_inr_paise, 2), "price_inr_paise": p.price_inr_paise,
-                   "price_usd": _money(usd_cents(p.price_inr_paise), 2), "daily_requests": p.daily_requests,
+                   "price_usd": _money(usd_cents(p.price_inr_paise), 2),
+                   "price_usd_cents": usd_cents(p.price_inr_paise), "daily_requests": p.daily_requests,
                    "max_tokens_per_request": p.max_tokens_per_request, "rollover_pct": p.rollover_pct}
                   for p in cat.plans.values()],
-        "usd_to_inr": _money(cat.inr_paise_per_usd, 2),
+        "usd_to_inr": _money(cat.inr_paise_per_usd, 2), "inr_paise_per_usd": cat.inr_paise_per_usd,
     }
 
 
