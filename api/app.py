@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.background.stop()
             await asyncio.gather(*state.tasks, return_exceptions=True)
             state.auth.close()
+            if state.proxy is not None:
+                await state.proxy.close()
             await rt.close()
 
     app = FastAPI(
@@ -84,14 +86,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         redirect_slashes=False,  # Starlette builds that redirect's Location from the Host header
     )
-    from api.routes import admin, auth, gateway, meter, ops, plans, projects, purchases, tokens, usage
+    from api.routes import admin, auth, gateway, meter, ops, plans, projects, proxy, purchases, tokens, usage
 
     install_error_handlers(app)
     app.add_middleware(PrivateHeaders)  # nosniff, no-store; inside the fast path, which adds its own
     app.add_middleware(MeterFastPath)  # POST /api/v1/meter/debit without the framework's per-request work
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,  # added last = outermost
                        larger={"/api/v1/gateway/settle": gateway.MAX_USAGE_BODY,  # a whole completion
-                               "/api/v1/meter/usage": usage.MAX_BODY_BYTES})  # 1,000 events
+                               "/api/v1/meter/usage": usage.MAX_BODY_BYTES,  # 1,000 events
+                               "/llm/": settings.proxy_max_body_bytes})  # prompts, images
 
     app.include_router(ops.router)
     app.include_router(meter.router)  # the hot path first: routes are matched in order
@@ -103,5 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(projects.router)
     app.include_router(plans.router)
     app.include_router(admin.router)
+    if settings.proxy_enabled:  # the metering proxy: only for the upstreams configured
+        app.include_router(proxy.build_router(settings))
     install_dashboard(app)  # `/` and `/static`: after every API route, which are matched first
     return app

@@ -103,9 +103,9 @@ async def _anthropic_stream(body: dict[str, Any], prompt: str) -> AsyncIterator[
     inp, out, words = usage_for(body)
     model = body.get("model", "claude-3-5-haiku-20241022")
     pause = 0.2 if "slow" in prompt else 0.0
-    yield _sse({"type": "message_start", "message": {"id": "msg_1", "type": "message", "model": model,
-                                                     "usage": {"input_tokens": inp, "output_tokens": 1}}},
-               "message_start")
+    yield _sse({"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None,
+        "stop_sequence": None, "usage": {"input_tokens": inp, "output_tokens": 1}}}, "message_start")
     if "breakfirst" in prompt:
         raise Stop
     yield _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},

@@ -5,6 +5,7 @@ is what was charged, an upstream failure charges nothing, every hold is closed."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -79,7 +80,7 @@ async def test_a_whole_chat_completion_is_charged_its_reported_usage(stack: Stac
 
 
 async def test_history_shows_the_proxied_call_with_model_and_tokens(tm: httpx.AsyncClient) -> None:
-    user, auth = await new_account(tm)
+    _user, auth = await new_account(tm)
     body = chat("history please")
     r = await tm.post(CHAT, json=body, headers={**auth, "X-Tokenmeter-Agent": "code"})
     assert r.status_code == 200
@@ -184,19 +185,15 @@ async def test_a_stream_cut_before_any_output_is_released_after_output_is_charge
     user, auth = await new_account(tm)
     async with tm.stream("POST", CHAT, json=chat("breakfirst", stream=True), headers=auth) as r:
         assert r.status_code == 200
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             await r.aread()
-        except httpx.HTTPError:
-            pass
     b = await settled(tm, user, 10_000)
     assert b["charged"] == 0 and b["reserved"] == 0
     # cut after 3 words: the upstream reported nothing; the prompt and what was streamed are charged
     body = chat("break words:10", stream=True)
     async with tm.stream("POST", CHAT, json=body, headers=auth) as r:
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             await r.aread()
-        except httpx.HTTPError:
-            pass
     b = await settled(tm, user, 10_000)
     assert b["reserved"] == 0
     assert 0 < b["charged"] < billed(body) + 50
@@ -205,14 +202,14 @@ async def test_a_stream_cut_before_any_output_is_released_after_output_is_charge
 async def test_a_client_that_disconnects_mid_stream_is_charged_what_was_streamed(tm: httpx.AsyncClient) -> None:
     user, auth = await new_account(tm)
     body = anthropic("slow words:40", stream=True)
-    async with httpx.AsyncClient(base_url=str(tm.base_url), timeout=10) as client:
-        async with client.stream("POST", MESSAGES, json=body, headers=auth) as r:
-            assert r.status_code == 200
-            got = b""
-            async for chunk in r.aiter_raw():
-                got += chunk
-                if got.count(b"content_block_delta") >= 4:
-                    break  # leave: the connection is closed under the proxy
+    async with httpx.AsyncClient(base_url=str(tm.base_url), timeout=10) as client, \
+            client.stream("POST", MESSAGES, json=body, headers=auth) as r:
+        assert r.status_code == 200
+        got = b""
+        async for chunk in r.aiter_raw():
+            got += chunk
+            if got.count(b"content_block_delta") >= 4:
+                break  # leave: the connection is closed under the proxy
     b = await settled(tm, user, 10_000)
     assert b["reserved"] == 0, "the hold of a disconnected stream was closed"
     inp = usage_for(body)[0]
