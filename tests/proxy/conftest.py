@@ -1,4 +1,4 @@
-"""Real processes for the proxy tests: the fake LLM upstream (tests/proxy/fake_llm.py) and a
+"""Real processes for the proxy tests: the fake LLM upstream (loadtests/fake_llm.py) and a
 `tokenmeter serve` with both upstreams pointed at it, each on a free loopback port, for the module."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtests.fake_llm import UPSTREAM_KEY
 from tests.gateways.servers import MASTER_KEY, ROOT, tokenmeter_server, wait_port
 from tests.processes import free_port, start_process, stop_process
-from tests.proxy.fake_llm import UPSTREAM_KEY
 
 SVC = {"Authorization": f"Bearer {MASTER_KEY}"}
 
@@ -24,7 +24,7 @@ SVC = {"Authorization": f"Bearer {MASTER_KEY}"}
 def fake_llm(tmp_path: Path) -> Iterator[int]:
     port = free_port()
     log = (tmp_path / "fake_llm.log").open("wb")
-    proc = start_process([sys.executable, "-m", "tests.proxy.fake_llm", "--port", str(port)], cwd=ROOT,
+    proc = start_process([sys.executable, "-m", "loadtests.fake_llm", "--port", str(port)], cwd=ROOT,
                          stdout=log, stderr=log)
     try:
         wait_port(port, timeout_s=20, proc=proc)

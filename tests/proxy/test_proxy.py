@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
+from loadtests.fake_llm import UPSTREAM_KEY, usage_for
 from tests.proxy.conftest import SVC, Stack, balance, new_account, stats
-from tests.proxy.fake_llm import UPSTREAM_KEY, usage_for
 
 CHAT = "/llm/openai/v1/chat/completions"
 MESSAGES = "/llm/anthropic/v1/messages"

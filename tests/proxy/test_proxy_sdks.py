@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 
+from loadtests.fake_llm import usage_for
 from tests.gateways.servers import tokenmeter_server
 from tests.processes import free_port
 from tests.proxy.conftest import SVC, Stack, balance, new_account, proxy_env
-from tests.proxy.fake_llm import usage_for
 from tests.proxy.test_proxy import billed, settled
 
 

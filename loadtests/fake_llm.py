@@ -1,7 +1,8 @@
 """A fake LLM upstream speaking OpenAI (chat, completions, responses, embeddings) and Anthropic
-(messages), streamed or not, run as its own process by the proxy tests and the proxy benchmark:
+(messages), streamed or not, run as its own process by the proxy tests (tests/proxy) and the
+proxy benchmark (loadtests/bench_proxy.py):
 
-    python -m tests.proxy.fake_llm --port N
+    python -m loadtests.fake_llm --port N
 
 Its usage figures are a function of the request, and every answer carries them, so a test can
 compare what the proxy charged with what the upstream reported. The last user message steers it:
