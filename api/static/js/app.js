@@ -80,22 +80,22 @@ async function signIn(session) {
   }
 }
 
+/** Forget the token and start the page afresh: nothing of this account stays on it. */
 function signOut(message = "") {
   if (stopLive) stopLive();
   stopLive = null;
-  clearTimeout(refreshTimer);
   api.token = null;
-  balance = null;
-  estimate = null;
-  latestSeq = 0;
   forgetSession();
-  $("signed-in").hidden = $("nav").hidden = $("who").hidden = true;
-  $("signed-out").hidden = false;
-  say("session-msg", message, "error");
-  if (!message) $("login-email").focus();
+  if (message) sessionStorage.setItem("tm.notice", message);
+  location.replace(location.pathname); // a fresh page, signed out
 }
 
 wireAuthForms(api, signIn);
 $("sign-out").addEventListener("click", () => signOut());
 const saved = savedSession();
-if (saved) signIn(saved);
+if (saved) {
+  signIn(saved);
+} else {
+  say("session-msg", sessionStorage.getItem("tm.notice") || "", "error");
+  sessionStorage.removeItem("tm.notice");
+}

@@ -93,8 +93,8 @@ export class Buy {
       say("checkout-msg", `You move to the ${data.pending_plan || data.plan} plan on ${data.month_reset_date.slice(0, 10)}.`, "ok");
       return;
     }
-    this.purchase = data;
-    setText("checkout-summary", `${name}: ${inrPaise(data.amount)} (order ${data.order_id}, ${data.status}).`);
+    this.purchase = { ...data, name };
+    this.summary(data.status);
     if (data.provider === "test" && data.checkout) {
       $("test-pay").hidden = false;
       $("test-secret").focus();
@@ -102,6 +102,11 @@ export class Buy {
       say("checkout-msg", `Pay order ${data.order_id} with ${data.provider}; the tokens arrive here when the ` +
                           "provider reports the payment.");
     }
+  }
+
+  summary(status) {
+    const p = this.purchase;
+    setText("checkout-summary", `${p.name}: ${inrPaise(p.amount)} (order ${p.order_id}, ${status}).`);
   }
 
   async pay(status) {
@@ -120,6 +125,7 @@ export class Buy {
     } catch (e) {
       return say("checkout-msg", PAY_ERRORS[e.code] || `The payment was not completed: ${e.message}`, "error");
     }
+    if (data.purchase_status) this.summary(data.purchase_status);
     if (data.outcome === "credited") {
       $("test-pay").hidden = true;
       say("checkout-msg", `Paid ${inrPaise(this.purchase.amount)}: ${tokens(data.credited_tokens)} tokens added. ` +

@@ -1,6 +1,8 @@
 // Inline SVG charts drawn here, no library: a column per day, and horizontal bars per label.
 // Each chart is an image with a text summary (aria-label) and a <title> per bar; bars carry
 // data-key / data-value so what they show can be checked. Geometry uses floats; values do not.
+// A chart is drawn at its container's width (one SVG unit = one CSS pixel), so its labels stay
+// readable on a phone; the caller redraws it when the window is resized.
 
 import { dayKey, tokens } from "./format.js";
 
@@ -12,6 +14,8 @@ function svg(name, attrs = {}, text) {
   if (text !== undefined) el.textContent = text;
   return el;
 }
+
+const widthOf = (container) => Math.max(container.clientWidth || 600, 240);
 
 function empty(container, text) {
   const p = document.createElement("p");
@@ -28,7 +32,8 @@ export function dayChart(container, perDay, { days = 30, today = new Date() } = 
   if (!total) return empty(container, `No usage in the last ${days} days.`);
   const max = Math.max(...values);
   const busiest = keys[values.indexOf(max)];
-  const [W, H, left, bottom, top] = [900, 200, 56, 22, 10];
+  const W = widthOf(container);
+  const [H, left, bottom, top] = [Math.min(200, Math.max(140, W / 3)), 56, 22, 10];
   const plotW = W - left - 4;
   const plotH = H - bottom - top;
   const step = plotW / days;
@@ -63,7 +68,8 @@ export function barList(container, counts, { what = "tokens", limit = 8 } = {}) 
     entries = [...entries.slice(0, limit - 1), ["others", rest]];
   }
   const max = entries[0][1];
-  const [W, row, labelW, valueW] = [480, 26, 120, 70];
+  const W = widthOf(container);
+  const [row, labelW, valueW] = [26, Math.min(120, W / 3), 64];
   const barW = W - labelW - valueW;
   const root = svg("svg", {
     viewBox: `0 0 ${W} ${entries.length * row}`, role: "img",

@@ -18,6 +18,11 @@ export class Usage {
         this.renderCost();
       });
     }
+    let resized = null;
+    window.addEventListener("resize", () => {
+      clearTimeout(resized);
+      resized = setTimeout(() => this.data && this.render(), 150);
+    });
   }
 
   async load() {
