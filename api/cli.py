@@ -169,7 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      "(this run only; set TOKENMETER_TEST_PAYMENT_SECRET to fix one)")
     redis = mask_url(settings.redis_url) if settings.redis_url else \
         "embedded in-process Redis (fakeredis with Lua; data lives in this process)"
-    print(f"tokenmeter listening on http://{args.host}:{args.port}  (docs: http://{args.host}:{args.port}/docs)")
+    print(f"tokenmeter listening on http://{args.host}:{args.port}  (dashboard: http://{args.host}:{args.port}/, "
+          f"API docs: http://{args.host}:{args.port}/docs)")
     print(f"  redis:    {redis}")
     print(f"  database: {mask_url(settings.database_url)}")
     print(f"  flusher:  {settings.flusher}")
