@@ -101,6 +101,11 @@ class Steps:
         rows = self.page.locator("#history-table tbody tr")
         return [[c.strip() for c in r.locator("td").all_inner_texts()] for r in rows.all()]
 
+    def wait_bar(self, chart: str, key: str, value: int) -> None:
+        """Until the chart's bar `key` shows `value` (the charts follow the ledger, a moment behind)."""
+        self.expect(self.page.locator(f'#{chart} rect.bar[data-key="{key}"]')).to_have_attribute(
+            "data-value", str(value))
+
     def bars(self, chart: str) -> dict[str, int]:
         rects = self.page.locator(f"#{chart} rect.bar")
         return {str(r.get_attribute("data-key")): int(r.get_attribute("data-value") or 0) for r in rects.all()}
@@ -234,6 +239,7 @@ def _flow(s: Steps, expect: Any) -> None:
 
     # -- history and charts show the rows (the ledger catches up without a reload) ----------------
     expect(page.locator("#history-table tbody tr").first).to_contain_text("purchase")
+    s.wait_bar("chart-agents", "code", 2_000)
     rows = s.history_rows()
     assert [r[1:] for r in rows] == [["purchase", "+50,000", "68,000", "", ""], ["bonus", "+10,000", "18,000", "", ""],
                                      ["usage", "-2,000", "8,000", "code", "sonnet"],
@@ -258,11 +264,12 @@ def _flow(s: Steps, expect: Any) -> None:
     expect(page.locator("#out-of-tokens")).to_be_visible()
     expect(page.locator("#oot-text")).to_have_text("A run needs about 20,000 tokens and you have 18,000: 2,000 short.")
     assert page.locator("#oot-link").get_attribute("href") == "#buy"
-    expect(page.locator("#history-table tbody tr").first).to_contain_text("viva")
+    # the newest row is the last debit (balance after 18,000), and the charts hold all ten
+    expect(page.locator("#history-table tbody tr").first.locator("td").nth(3)).to_have_text("18,000")
+    s.wait_bar("chart-days", today, 52_000)
     rows = s.history_rows()
     assert len(rows) == 10 and [r[1:6] for r in rows[:2]] == [["usage", "-5,000", "18,000", "viva", "haiku"],
                                                               ["usage", "-5,000", "23,000", "code", "sonnet"]]
-    expect(page.locator("#chart-agents rect.bar")).to_have_count(5)
     assert s.bars("chart-agents") == {"code": 12_000, "idea": 10_000, "uml": 10_000, "report": 10_000, "viva": 10_000}
     assert s.bars("chart-models") == {"haiku": 30_000, "sonnet": 22_000}
     assert s.bars("chart-days")[today] == 52_000

@@ -51,7 +51,8 @@ function scheduleRefresh(delay, tries = 10) {
   clearTimeout(refreshTimer);
   refreshTimer = setTimeout(async () => {
     try {
-      await Promise.all([history.page === 0 ? history.load() : null, usage.load()]);
+      if (history.page === 0) await history.load();
+      await usage.load(); // after the history: the charts then hold at least the rows it shows
       report(null);
     } catch (e) {
       report(e);
