@@ -4,7 +4,7 @@
 // secret the operator pasted (HMAC-SHA256 in WebCrypto; the secret never leaves the page) and
 // posts it to the provider's URL. The new tokens then arrive through the live balance.
 
-import { $, h, say, setText } from "./dom.js";
+import { $, h, randomId, say, setText } from "./dom.js";
 import { inrPaise, tokens, usdCents } from "./format.js";
 
 const START_ERRORS = {
@@ -78,7 +78,7 @@ export class Buy {
     $("test-pay").hidden = true;
     setText("checkout-summary", `${name}: creating the order…`);
     say("checkout-msg", "");
-    const key = { "Idempotency-Key": crypto.randomUUID() };
+    const key = { "Idempotency-Key": randomId() }; // one purchase per click
     let data;
     try {
       ({ data } = kind === "pack" ? await this.api.post("/api/v1/tokens/purchase", { package_id: id }, key)
@@ -90,7 +90,8 @@ export class Buy {
     }
     if (!data.purchase_id) { // the free plan: no payment, it applies at the next period
       setText("checkout-summary", `${name}: no payment needed.`);
-      say("checkout-msg", `You move to the ${data.pending_plan || data.plan} plan on ${data.month_reset_date.slice(0, 10)}.`, "ok");
+      const plan = data.pending_plan || data.plan;
+      say("checkout-msg", `You move to the ${plan} plan on ${data.month_reset_date.slice(0, 10)}.`, "ok");
       return;
     }
     this.purchase = { ...data, name };
@@ -116,7 +117,7 @@ export class Buy {
       return say("checkout-msg", "Signing needs a secure context: open the page over https or on localhost.", "error");
     }
     const c = this.purchase.checkout;
-    const body = JSON.stringify({ ...c.body, status, payment_id: `pay_test_${crypto.randomUUID().replaceAll("-", "")}` });
+    const body = JSON.stringify({ ...c.body, status, payment_id: `pay_test_${randomId()}` });
     say("checkout-msg", status === "paid" ? "Paying…" : "Declining…");
     let data;
     try {

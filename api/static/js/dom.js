@@ -29,3 +29,8 @@ export function say(id, text, kind = "") {
 }
 
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** 32 random hex digits (crypto.randomUUID needs a secure context; getRandomValues does not). */
+export function randomId() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
