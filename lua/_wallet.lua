@@ -42,7 +42,6 @@ local FIELDS = {'plan', 'allow', 'dcap', 'rpm', 'maxreq', 'rpct', 'r', 'm', 'b',
 local TEXT = {plan = true, np = true}  -- np: a plan change due at the next period, 'id:allow:dcap:rpm:max:pct'
 
 local function fmt(n) return string.format('%d', n) end
-local NOW_S = fmt(NOW)
 
 -- queued writes
 local JOURNAL = {}
@@ -50,13 +49,27 @@ local HOLD_SET = {}           -- hold id -> record (new holds)
 local HOLD_DEL = {}           -- hold id -> true (settled, released or expired)
 local HOLDS_CHANGED = false
 
+-- The fields every call reads (one HMGET, turned into the account by one table constructor:
+-- sized once, no loop), and those only a new period, a plan change or the balance reads
+-- (load_cold). The v[i] follow HOT's order; tests/meter/test_wire.py checks both lists against
+-- FIELDS. A cold field is never written unless loaded first (commit writes touched fields only).
+local HOT = {'plan', 'dcap', 'rpm', 'maxreq', 'r', 'm', 'b', 'p', 'h', 'per', 'day', 'rq', 'ut', 'used',
+             'treq', 'tat', 'seq'}
+local COLD = {'allow', 'rpct', 'created', 'np', 'mg'}
+local function num(x) return x and tonumber(x) or 0 end
 local function load_account()
-  local vals = redis.call('HMGET', K_ACCT, unpack(FIELDS))
-  if not vals[1] then return nil end
-  local a = {dirty = {}}
-  for i, f in ipairs(FIELDS) do
-    if TEXT[f] then a[f] = vals[i] or '' else a[f] = tonumber(vals[i] or '0') or 0 end
-  end
+  local v = redis.call('HMGET', K_ACCT, unpack(HOT))
+  if not v[1] then return nil end
+  return {dirty = {}, plan = v[1], dcap = num(v[2]), rpm = num(v[3]), maxreq = num(v[4]), r = num(v[5]),
+          m = num(v[6]), b = num(v[7]), p = num(v[8]), h = num(v[9]), per = num(v[10]), day = num(v[11]),
+          rq = num(v[12]), ut = num(v[13]), used = num(v[14]), treq = num(v[15]), tat = num(v[16]),
+          seq = num(v[17])}
+end
+
+local function load_cold(a)
+  if a.np ~= nil then return a end
+  local v = redis.call('HMGET', K_ACCT, unpack(COLD))
+  a.allow, a.rpct, a.created, a.np, a.mg = num(v[1]), num(v[2]), num(v[3]), v[4] or '', num(v[5])
   return a
 end
 
@@ -116,11 +129,9 @@ local function journal(a, kind, dr, dm, db, dp, dh, extra)
   a.seq = a.seq + 1
   touch(a, 'seq')
   local e = {'t', kind, 'a', ACCOUNT,
-             'n', fmt(a.seq) .. ':' .. NOW_S .. ':' .. fmt(dr) .. ':' .. fmt(dm) .. ':' .. fmt(db) .. ':'
-               .. fmt(dp) .. ':' .. fmt(dh),
-             'st', a.plan .. ':' .. fmt(a.per) .. ':' .. fmt(a.r) .. ':' .. fmt(a.m) .. ':' .. fmt(a.b)
-               .. ':' .. fmt(a.p) .. ':' .. fmt(a.h) .. ':' .. fmt(a.used) .. ':' .. fmt(a.treq)
-               .. ':' .. fmt(a.day) .. ':' .. fmt(a.rq) .. ':' .. fmt(a.ut)}
+             'n', string.format('%d:%d:%d:%d:%d:%d:%d', a.seq, NOW, dr, dm, db, dp, dh),
+             'st', string.format('%s:%d:%d:%d:%d:%d:%d:%d:%d:%d:%d:%d', a.plan, a.per, a.r, a.m, a.b, a.p, a.h,
+                                 a.used, a.treq, a.day, a.rq, a.ut)}
   if REQ ~= '' then e[#e + 1] = 'rq'; e[#e + 1] = REQ end
   if extra then
     for i = 1, #extra, 2 do
@@ -153,6 +164,7 @@ end
 -- allowance; the first touch in a new day clears the daily counters. Periods never go back.
 local function roll_period(a)
   if MONTH > a.per then
+    load_cold(a)
     local old_r, old_m = a.r, a.m
     local rolled = 0
     if MONTH == a.per + 1 then rolled = pct_of(old_m, a.rpct) end
@@ -190,8 +202,11 @@ local function burn(a, n)
   local tm = math.min(a.m, n); n = n - tm
   local tb = math.min(a.b, n); n = n - tb
   local tp = math.min(a.p, n)
-  a.r = a.r - tr; a.m = a.m - tm; a.b = a.b - tb; a.p = a.p - tp
-  touch(a, 'r', 'm', 'b', 'p')
+  local d = a.dirty  -- only the buckets taken from are written back
+  if tr > 0 then a.r = a.r - tr; d.r = true end
+  if tm > 0 then a.m = a.m - tm; d.m = true end
+  if tb > 0 then a.b = a.b - tb; d.b = true end
+  if tp > 0 then a.p = a.p - tp; d.p = true end
   return tr, tm, tb, tp
 end
 

@@ -8,6 +8,7 @@
 local a = load_account()
 if not a then return {'no_account'} end
 if unverified() then return {'verify'} end
+load_cold(a)
 roll_period(a)
 expire_holds(a, LAZY_HOLDS)
 commit(a)

@@ -11,6 +11,7 @@
 
 local a, early = begin()
 if not a then return early end
+load_cold(a)
 local spec = table.concat({ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]}, ':')
 local seq, dm = 0, 0
 if ARGV[13] == 'next' then

@@ -35,6 +35,25 @@ def test_lua_account_fields_are_the_modules() -> None:
     assert set(re.findall(r"(\w+) = true", text.group(1))) == wire.TEXT_FIELDS
 
 
+def test_lua_hot_and_cold_fields_split_the_account_and_load_in_order() -> None:
+    """Every call reads HOT (one HMGET, one constructor); COLD is read by load_cold. Together
+    they are the account's fields, and each v[i] is read into the field of its position."""
+    lib = _lua("_wallet.lua")
+    hot = re.search(r"local HOT = \{(.*?)\}", lib, re.S)
+    cold = re.search(r"local COLD = \{(.*?)\}", lib, re.S)
+    assert hot and cold
+    hot_f, cold_f = _strings(hot.group(1)), _strings(cold.group(1))
+    assert sorted(hot_f + cold_f) == sorted(wire.ACCOUNT_FIELDS) and not set(hot_f) & set(cold_f)
+    load = re.search(r"local function load_account\(\)(.*?)\nend\n", lib, re.S)
+    assert load
+    read = dict(re.findall(r"(\w+) = (?:num\()?v\[(\d+)\]", load.group(1)))
+    assert {f: int(i) for f, i in read.items()} == {f: i + 1 for i, f in enumerate(hot_f)}
+    cold_load = re.search(r"a\.allow, a\.rpct, a\.created, a\.np, a\.mg = (.*?)\n", lib)
+    assert cold_load
+    assert re.findall(r"v\[(\d+)\]", cold_load.group(1)) == [str(i + 1) for i in range(len(cold_f))]
+    assert re.findall(r"a\.(\w+)", "a.allow, a.rpct, a.created, a.np, a.mg") == cold_f
+
+
 def test_lua_state_field_order_is_the_modules() -> None:
     body = re.search(r"'st', (.*?)\}", _lua("_wallet.lua"), re.S)
     assert body
