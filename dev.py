@@ -5,7 +5,7 @@
                                         --port N (default 8000), --host ADDR (default 127.0.0.1)
     python3 dev.py tokenmeter CMD ...   the `tokenmeter` command line (apikey, migrate, flusher, ...)
     python3 dev.py test [pytest args]   lint, type-check and run the test suite
-    python3 dev.py bench [args]         run the side-by-side debit benchmark
+    python3 dev.py bench [args]         `tokenmeter bench`: the benchmarks side by side (--quick, --only ...)
     python3 dev.py shell CMD ...        run CMD inside the project's virtualenv
 
 The first call creates `.venv/` and installs the project with its dev extras; later calls
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     if cmd == "tokenmeter":  # from the caller's directory, like serve: the same SQLite file
         return _run(BIN / "tokenmeter", *rest, cwd=Path.cwd())
     if cmd == "bench":
-        return _run(BIN / "python", "-m", "loadtests.bench_debit", *rest)
+        return _run(BIN / "tokenmeter", "bench", *rest, cwd=Path.cwd())
     if cmd == "shell":
         return _run(BIN / rest[0], *rest[1:]) if (BIN / rest[0]).exists() else _run(*rest)
     print(f"dev.py: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)

@@ -256,6 +256,10 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("loadtest", help="Locust load test that checks the books (tokenmeter loadtest --help)",
                    parents=[loadtest_parser(add_help=False)], add_help=False)
+    from loadtests.bench import parser as bench_parser
+
+    sub.add_parser("bench", help="the hot path's benchmarks side by side, with their ratios (tokenmeter bench --help)",
+                   parents=[bench_parser(add_help=False)], add_help=False)
     b = sub.add_parser("balance", help="print an account's live balance")
     b.add_argument("account_id")
     b.set_defaults(fn=cmd_balance)
@@ -268,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtests.loadtest import main as loadtest
 
         return loadtest(argv[1:])
+    if argv[:1] == ["bench"]:  # its own options and sections (loadtests/bench.py)
+        from loadtests.bench import main as bench
+
+        return bench(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -76,7 +76,8 @@ async def _wait_rows(pg_url: str, n: int) -> tuple[int, float]:
         await conn.close()
 
 
-async def main_async(args: argparse.Namespace) -> None:
+async def main_async(args: argparse.Namespace) -> dict[str, float]:
+    """The run; prints it and returns its figures (for `tokenmeter bench`)."""
     catalog = parse_catalog(BENCH_CATALOG)
     prefix = f"tmbench{uuid.uuid4().hex[:8]}"
     dbname = f"tm_bench_{uuid.uuid4().hex[:8]}"
@@ -89,6 +90,7 @@ async def main_async(args: argparse.Namespace) -> None:
     redis: Redis = meter.store.redis  # type: ignore[attr-defined]
     accounts = [f"bench-{i}" for i in range(args.accounts)]
     proc = None
+    result: dict[str, float] = {"entries": args.entries, "batch": args.batch}
     try:
         for a in accounts:
             await meter.open_account(a, plan="bench")
@@ -98,6 +100,7 @@ async def main_async(args: argparse.Namespace) -> None:
         await flusher.setup()
         peak = await make_backlog(meter, accounts, args.entries)
         print(f"meter.debit making the backlog (256 callers)   : {peak:10,.0f} decisions/s")
+        result["backlog_decisions_per_s"] = peak
 
         # the same rows for raw COPY, read before the flusher trims the streams
         rows = []
@@ -127,6 +130,7 @@ async def main_async(args: argparse.Namespace) -> None:
             flush_rate = flushed / (time.perf_counter() - start)
             label = f"flusher draining {flushed:,} entries into Postgres"
         print(f"{label:47s}: {flush_rate:10,.0f} rows/s")
+        result.update({"flusher_rows_per_s": flush_rate, "rows": flushed, "flushers": args.flushers})
 
         raw = await asyncpg.connect(pg_url)
         await raw.execute("TRUNCATE token_transactions")
@@ -138,6 +142,7 @@ async def main_async(args: argparse.Namespace) -> None:
         copy_rate = len(rows) / (time.perf_counter() - start)
         await raw.close()
         print(f"raw copy_records_to_table, same rows, same batch: {copy_rate:10,.0f} rows/s")
+        result["copy_rows_per_s"] = copy_rate
         print(f"ratios: flusher / raw COPY = {flush_rate / copy_rate:.2f}; "
               f"flusher / meter decisions = {flush_rate / peak:.2f}")
 
@@ -166,6 +171,8 @@ async def main_async(args: argparse.Namespace) -> None:
         worst_pending = max((s["pending"] for s in samples), default=0)
         print(f"at 50% of peak ({peak * 0.5:,.0f}/s, {sent:,} debits over {args.load_seconds:.0f}s): "
               f"flusher lag max {worst * 1000:.0f} ms, max pending {worst_pending:,.0f} entries")
+        result.update({"lag_load_per_s": peak * 0.5, "lag_max_ms": worst * 1000, "lag_max_pending": worst_pending})
+        return result
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

@@ -145,7 +145,8 @@ def wait_flushed(redis_url: str, prefix: str, timeout: float = 180.0) -> str:
     return f"flusher caught up in {took:.1f} s" if not left else f"flusher still {left:,} entries behind"
 
 
-def bench(args: argparse.Namespace) -> None:
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    """The run; prints it and returns its figures (wrk's, per route) for `tokenmeter bench`."""
     import httpx
     from redis import Redis
 
@@ -182,7 +183,8 @@ def bench(args: argparse.Namespace) -> None:
 
         cpus = os.cpu_count() or 0
         print("tokenmeter HTTP benchmark: POST /api/v1/meter/debit next to a bare POST /bare, same server")
-        print(f"command : {shlex.join(map(mask_url, [sys.executable, '-m', 'loadtests.bench_http', *sys.argv[1:]]))}")
+        command = getattr(args, "command", None) or [sys.executable, "-m", "loadtests.bench_http", *sys.argv[1:]]
+        print(f"command : {shlex.join(map(mask_url, command))}")
         print(f"server  : {shlex.join(map(mask_url, server_cmd))}")
         print(f"          uvicorn, loop=uvloop, http=httptools, access log off, {args.workers} worker(s); "
               f"Redis {mask_url(args.redis_url)} (prefix {prefix}), SQLite in {tmp}, flusher {args.flusher}")
@@ -205,20 +207,24 @@ def bench(args: argparse.Namespace) -> None:
         asgi, _ = run_wrk(args, tmp, base, BARE_ASGI_PATH, args.seconds, server_pid=pid)
         check, _ = run_wrk(args, tmp, base, CHECK_PATH, args.seconds, server_pid=pid, gateway=True)
         drain()
-        print_peak(args, {"bare": bare, "debit": debit, "again": again, "asgi": asgi, "check": check},
-                   [bare_cmd, debit_cmd], drained)
+        peak = {"bare": bare, "debit": debit, "again": again, "asgi": asgi, "check": check}
+        print_peak(args, peak, [bare_cmd, debit_cmd], drained)
+        result: dict[str, Any] = {"peak": peak}
 
         target = bare["rps"] * 0.5
-        pd = paced(args, tmp, base, pid, drain, target, "at 50% of the bare peak")
+        pb, pd = paced(args, tmp, base, pid, drain, target, "at 50% of the bare peak")
+        result["paced"] = {"target_rps": target, "bare": pb, "debit": pd}
         if pd["late"] > 0.01 * pd["requests"] or pd["rps"] < 0.95 * target:
             print("  note: the debit run fell behind the schedule (late sends / rate below target): 50% of "
                   f"the bare peak is more than debit sustains here (its peak {debit['rps']:,.0f} req/s), so "
                   "its figures are a saturated server's; wrk measures from the actual send, so they also "
                   "leave out the wait for a free connection")
-            paced(args, tmp, base, pid, drain, debit["rps"] * 0.5,
-                  "for comparison, both at 50% of the debit peak")
+            pb, pd = paced(args, tmp, base, pid, drain, debit["rps"] * 0.5,
+                           "for comparison, both at 50% of the debit peak")
+            result["paced_debit_peak"] = {"target_rps": debit["rps"] * 0.5, "bare": pb, "debit": pd}
         print("latency: wrk's figures, from writing the request to reading the whole response, over "
               f"{args.connections} keep-alive connections")
+        return result
     finally:
         if proc is not None:
             stop_server(proc)

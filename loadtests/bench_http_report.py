@@ -25,8 +25,8 @@ def row(label: str, f: dict[str, float], extra: str = "") -> str:
 
 
 def paced(args: argparse.Namespace, tmp: Path, base: str, pid: int, drain: Callable[[], str],
-          target: float, title: str) -> dict[str, float]:
-    """Both routes at a fixed `target` req/s; prints p50/p99 and returns the debit figures."""
+          target: float, title: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Both routes at a fixed `target` req/s; prints p50/p99 and returns the (bare, debit) figures."""
     per_thread = target / args.threads
     pb, cmd = run_wrk(args, tmp, base, BARE_PATH, args.seconds, per_thread, pid)
     pd, _ = run_wrk(args, tmp, base, DEBIT_PATH, args.seconds, per_thread, pid)
@@ -39,7 +39,7 @@ def paced(args: argparse.Namespace, tmp: Path, base: str, pid: int, drain: Calla
         print(row(label, f, f"   late sends {int(f['late']):,}" if f["late"] else ""))
     print(f"  p99 debit - bare: {(pd['p99_us'] - pb['p99_us']) / 1000:+.2f} ms;  "
           f"p50 debit - bare: {(pd['p50_us'] - pb['p50_us']) / 1000:+.2f} ms   ({drained} after)")
-    return pd
+    return pb, pd
 
 
 
