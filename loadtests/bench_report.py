@@ -54,7 +54,8 @@ def ratios(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         add(f"http_{mode}_vs_fastapi", f"HTTP debit / FastAPI bare (flusher {mode})", debit, _get(peak, "bare", "rps"))
     add("flusher_vs_copy", "flusher rows/s / raw COPY rows/s", g("flusher", "flusher_rows_per_s"),
         g("flusher", "copy_rows_per_s"))
-    add("flusher_vs_debits", "flusher rows/s / meter decisions/s", g("flusher", "flusher_rows_per_s"),
+    add("flusher_vs_debits", "flusher rows/s / meter decisions/s making its backlog (256 callers)",
+        g("flusher", "flusher_rows_per_s"),
         g("flusher", "backlog_decisions_per_s"))
     one = g("scale", "accounts_1", "rps")
     big = g("scale", "accounts_max")
