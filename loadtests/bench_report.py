@@ -106,7 +106,7 @@ def rows(results: dict[str, Any]) -> Iterator[Row]:
     if (r := g("scale")) and "hot" in r:
         for n in (1, 1_000, r["accounts_max"]):
             if s := r.get(f"accounts_{n}"):
-                yield "scale", f"meter.debit over {n:,} accounts", s["rps"], "decisions/s"
+                yield "scale", f"meter.debit over {n:,} account{'s' if n > 1 else ''}", s["rps"], "decisions/s"
                 yield "scale", "  Redis µs per call (commandstats)", s["usec_per_call"], "µs"
         yield "scale", f"meter.debit, {r['hot']['hot_share']:.0%} on {r['hot']['hot_accounts']} hot accounts", \
             r["hot"]["rps"], "decisions/s"
@@ -139,8 +139,21 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _barh(ax: Any, title: str, bars: list[tuple[str, float]], fmt: str, parity: bool = False) -> None:
+    labels, values = [b[0] for b in bars][::-1], [b[1] for b in bars][::-1]
+    ax.barh(labels, values, color="#3b7dd8" if parity else "#d8843b")
+    if parity:
+        ax.axvline(1.0, color="#444", linewidth=1, linestyle="--")
+    for i, v in enumerate(values):
+        ax.text(v, i, " " + format(v, fmt), va="center", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.margins(x=0.15)
+
+
 def chart(results: dict[str, Any], path: Path, title: str) -> str:
-    """Bar charts of the ratios and of Redis µs per call; '' or why no chart was drawn."""
+    """Bar charts: the throughput ratios, Redis µs per call, decisions/s and HTTP req/s; '' or why
+    no chart was drawn."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         import matplotlib
@@ -149,39 +162,40 @@ def chart(results: dict[str, Any], path: Path, title: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib not installed (in the dev extras): no chart"
-    rs = list(ratios(results).values())
-    usec = [(f"{s} · {w.strip()}", v) for s, w, v, u in _usec_rows(results)]
-    if not rs and not usec:
+    # the script's cost over the trivial one is shown as µs per call (it would dwarf the rest)
+    rs = [(r["label"], r["value"]) for k, r in ratios(results).items() if k != "debit_script_vs_trivial_usec"]
+    usec = [(f"{s}: {w.strip()}", v) for s, w, v, u in _sub_rows(results, "commandstats")]
+    rate = [(f"{s}: {w}", v) for s, w, v, u in rows(results)  # `return 1`: its floor is in µs per call
+            if u in ("calls/s", "decisions/s") and "return 1" not in w]
+    http = [(f"{s}: {w}", v) for s, w, v, u in rows(results) if u == "req/s"]
+    panels = [p for p in ((rs, "ratios measured side by side (1 = parity)", ".2f", True),
+                          (usec, "Redis µs per script call (INFO commandstats)", ".1f", False),
+                          (rate, "calls or decisions per second, same concurrency", ",.0f", False),
+                          (http, "HTTP peak req/s (wrk)", ",.0f", False)) if p[0]]
+    if not panels:
         return "nothing measured to chart"
-    fig, axes = plt.subplots(1, 2, figsize=(15, max(4.0, 0.38 * max(len(rs), len(usec)) + 1.5)))
-    ax = axes[0]
-    if rs:
-        ax.barh([r["label"] for r in rs][::-1], [r["value"] for r in rs][::-1], color="#3b7dd8")
-        ax.axvline(1.0, color="#444", linewidth=1, linestyle="--")
-        for i, r in enumerate(rs[::-1]):
-            ax.text(r["value"], i, f" {r['value']:.2f}", va="center", fontsize=8)
-    ax.set_title("ratios measured side by side (1 = parity)")
-    ax.tick_params(axis="y", labelsize=8)
-    ax = axes[1]
-    if usec:
-        ax.barh([u[0] for u in usec][::-1], [u[1] for u in usec][::-1], color="#d8843b")
-        for i, (_, v) in enumerate(usec[::-1]):
-            ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
-    ax.set_title("Redis µs per script call (INFO commandstats)")
-    ax.tick_params(axis="y", labelsize=8)
+    cols = 2 if len(panels) > 1 else 1
+    grid = (len(panels) + 1) // 2 if cols == 2 else 1
+    tallest = max(len(p[0]) for p in panels)
+    fig, axes = plt.subplots(grid, cols, figsize=(8 * cols, grid * max(3.0, 0.32 * tallest + 1.2)), squeeze=False)
+    for ax, (bars, name, fmt, parity) in zip(axes.flat, panels, strict=False):
+        _barh(ax, name, bars, fmt, parity)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return ""
 
 
-def _usec_rows(results: dict[str, Any]) -> list[Row]:
+def _sub_rows(results: dict[str, Any], word: str) -> list[Row]:
+    """The indented rows containing `word`, named by the row they belong to."""
     out, last = [], ""
     for section, what, value, unit in rows(results):
         if not what.startswith("  "):
             last = what
-        elif "commandstats" in what:
+        elif word in what:
             out.append((section, last, value, unit))
     return out
 
